@@ -3,7 +3,9 @@ from . import functional, ops, reference
 from ._checks import value_checks
 from .backends import backends
 from .model import VAE, MLPDecoder, MLPEncoder
+from .runner import train
+from .trainer import TrainConfig, Trainer
 
 __version__ = "0.1.0"
 
-__all__ = ["VAE", "MLPDecoder", "MLPEncoder", "backends", "functional", "reference", "value_checks", "__version__"]
+__all__ = ["TrainConfig", "Trainer", "VAE", "MLPDecoder", "MLPEncoder", "train", "backends", "functional", "reference", "value_checks", "__version__"]

@@ -1,0 +1,64 @@
+"""Checkpoints: written atomically (temp file, fsync, rename), read with weights_only=True.
+
+A crash while writing leaves the previous checkpoint intact; a checkpoint carrying pickled
+code is refused by torch's weights-only unpickler.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "fastvae-checkpoint-v1"
+
+
+def save(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write `state` to `path` atomically; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make checkpoints private
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a fastvae checkpoint; a clear ValueError for a missing, truncated, foreign or unsafe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; pass the checkpoint.pt of a run directory (runs/<name>/checkpoint.pt)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"checkpoint {str(path)!r} was refused by torch.load(weights_only=True): it is not a plain-tensor checkpoint (it may carry pickled code) ({exc})") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise ValueError(f"checkpoint {str(path)!r} is truncated or corrupt ({type(exc).__name__}: {exc}); resume from an earlier checkpoint or start a new run") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r} is not a fastvae checkpoint (no format tag {FORMAT!r}); to load bare weights use model.load_state_dict(torch.load(path, weights_only=True))")
+    return state
+
+
+def check_config(saved: dict[str, Any], current: dict[str, Any], path: str | os.PathLike) -> None:
+    """Refuse a checkpoint written for a different model configuration, naming the differences."""
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs model {current.get(k)!r}" for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if diffs:
+        raise ValueError(f"checkpoint {str(path)!r} was written for another model configuration ({'; '.join(diffs)}); build the model with the checkpoint's settings or start a new run")

@@ -1,0 +1,162 @@
+"""The ``fastvae`` command: train, sample, reconstruct, info."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from typing import Sequence
+
+import torch
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _dims(text: str) -> tuple[int, ...]:
+    parts = [p for p in text.replace(",", " ").split() if p]
+    return tuple(_positive_int(p) for p in parts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastvae", description="Fused-kernel VAE training engine.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a VAE (default: the reference model on Fashion-MNIST)")
+    t.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (default) or mnist")
+    t.add_argument("--data-dir", default=None, help="folder holding the four IDX files (default: standard places)")
+    t.add_argument("--epochs", type=_positive_int, default=10)
+    t.add_argument("--batch-size", type=_positive_int, default=128)
+    t.add_argument("--lr", type=_positive_float, default=1e-3)
+    t.add_argument("--latent-dim", type=_positive_int, default=20)
+    t.add_argument("--hidden-dims", type=_dims, default=(400,), help="comma-separated widths, e.g. 512,256")
+    t.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default="bernoulli")
+    t.add_argument("--beta", type=_non_negative_float, default=1.0, help="KL weight (beta-VAE)")
+    t.add_argument("--warmup", type=_non_negative_int, default=0, help="KL warm-up length (0: none)")
+    t.add_argument("--warmup-unit", choices=("steps", "epochs"), default="steps")
+    t.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    t.add_argument("--backend", default=None, choices=("auto", "torch", "triton", "cpp", "cuda"))
+    t.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    t.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<date>-<time>)")
+    t.add_argument("--resume", default=None, help="checkpoint.pt to continue from")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--limit", type=_positive_int, default=None, help="use only the first N training images")
+    t.add_argument("--no-progress", action="store_true")
+
+    s = sub.add_parser("sample", help="decode prior samples of a trained model to a PNG grid")
+    s.add_argument("checkpoint")
+    s.add_argument("-n", type=_positive_int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="samples.png")
+
+    r = sub.add_parser("reconstruct", help="originals above reconstructions, as a PNG grid")
+    r.add_argument("checkpoint")
+    r.add_argument("--dataset", default="fashion-mnist")
+    r.add_argument("--data-dir", default=None)
+    r.add_argument("--split", choices=("train", "test"), default="test")
+    r.add_argument("-n", type=_positive_int, default=32)
+    r.add_argument("--out", default="reconstructions.png")
+
+    sub.add_parser("info", help="versions, devices and active backends")
+    return parser
+
+
+def _load_model(path: str):
+    from . import checkpoint
+    from .model import VAE
+
+    state = checkpoint.load(path)
+    cfg = state["config"]
+    model = VAE(input_dim=cfg["input_dim"], hidden_dims=tuple(cfg["hidden_dims"]), latent_dim=cfg["latent_dim"], likelihood=cfg["likelihood"])
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def _side(n: int) -> tuple[int, int]:
+    side = int(round(n ** 0.5))
+    return (side, side) if side * side == n else (1, n)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        from .runner import train
+
+        _, history = train(
+            args.dataset, data_dir=args.data_dir, out=args.out, device=args.device, resume=args.resume, limit=args.limit,
+            hidden_dims=args.hidden_dims, latent_dim=args.latent_dim, likelihood=args.likelihood, backend=args.backend,
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, beta=args.beta, warmup=args.warmup,
+            warmup_unit=args.warmup_unit, seed=args.seed, amp=args.amp, progress=not args.no_progress)
+        for h in history:
+            print(f"epoch {h['epoch']}: loss {h['loss']:.2f} per sample (recon {h['recon']:.2f}, kl {h['kl']:.2f}), {h['seconds']:.2f} s")
+        return 0
+    if args.command == "sample":
+        from . import plots
+
+        model = _load_model(args.checkpoint)
+        pixels = model.sample(args.n, seed=args.seed, out_dtype=torch.uint8)
+        plots.write_png(plots.grid(pixels, _side(model.input_dim)), args.out)
+        print(f"wrote {args.out}")
+        return 0
+    if args.command == "reconstruct":
+        from . import data, plots
+
+        model = _load_model(args.checkpoint)
+        images = data.load(args.dataset, args.split, root=args.data_dir).images[: args.n]
+        out = plots.write_png(plots.reconstruction_grid(model, images, tuple(images.shape[1:3])), args.out)
+        print(f"wrote {out}")
+        return 0
+    print(json.dumps(info(), indent=2))
+    return 0
+
+
+def info() -> dict:
+    from . import __version__, backends
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {"fastvae": __version__, "python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
+            "cuda": torch.version.cuda, "gpus": gpus, "cpu_threads": torch.get_num_threads(), "backends": backends()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

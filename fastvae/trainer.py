@@ -1,0 +1,207 @@
+"""The training engine: device-resident uint8 data, on-device shuffling, fused loss, fused Adam.
+
+Per step there is no per-sample Python and no host sync: the batch is gathered on the device
+from the uint8 dataset by a shuffled index, the loss runs through the fused ops, and the
+running sums are read back every ``log_every`` steps for the progress bar and the metrics.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _checks, checkpoint
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a run; the defaults are the reference's (Adam 1e-3, batch 128, 10 epochs)."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    beta: float = 1.0
+    warmup: int = 0  # KL warm-up length: beta ramps linearly from 0 over this many steps or epochs
+    warmup_unit: str = "steps"  # "steps" or "epochs"
+    seed: int | None = 0
+    amp: bool = False  # bf16 autocast (CUDA only)
+    log_every: int = 50  # steps between reads of the running loss (host syncs)
+    progress: bool = True
+    check_finite: bool = False  # raise, naming the step, as soon as the loss is NaN/Inf (one sync per step)
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form, stored in checkpoints (dataset name, ...)
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "log_every"):
+            _checks.positive_int(name, getattr(self, name))
+        _checks.positive_int("warmup", self.warmup, minimum=0)
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if not (isinstance(self.beta, (int, float)) and self.beta >= 0 and math.isfinite(self.beta)):
+            raise ValueError(f"beta must be a finite number >= 0, got {self.beta!r}")
+        if self.warmup_unit not in ("steps", "epochs"):
+            raise ValueError(f"warmup_unit must be 'steps' or 'epochs', got {self.warmup_unit!r}")
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """"auto" (or None) is CUDA when present, else CPU; anything else is checked to exist."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but no CUDA GPU is visible to torch; use device='cpu' or 'auto'")
+    return dev
+
+
+def prepare_data(images: torch.Tensor, input_dim: int, likelihood: str) -> torch.Tensor:
+    """Validate a dataset once and flatten it to (N, input_dim), keeping uint8 as uint8."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if images.dim() < 2 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty batch (N, ...), got shape {tuple(images.shape)}")
+    if math.prod(images.shape[1:]) != input_dim:
+        raise ValueError(f"images have {math.prod(images.shape[1:])} features per sample but the model's input_dim is {input_dim}; build the model with input_dim={math.prod(images.shape[1:])}")
+    flat = images.reshape(images.shape[0], input_dim)
+    if flat.dtype == torch.uint8:
+        return flat
+    _checks.floating("images", flat)
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError("images contain NaN or Inf; clean the data before training")
+    if likelihood == "bernoulli" and bool(((flat < 0) | (flat > 1)).any()):
+        raise ValueError("images must lie in [0, 1] for the Bernoulli likelihood; rescale them or use likelihood='gaussian'")
+    return flat
+
+
+class Trainer:
+    """Trains a ``fastvae.VAE`` on a dataset held as one tensor on the training device.
+
+    images: (N, ...) uint8 pixels (read as x/255) or floats; out_dir: where checkpoint.pt,
+    metrics.jsonl and the PNGs go (None: nothing is written).
+    """
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, config: TrainConfig | None = None, *,
+                 device: str | torch.device | None = "auto", out_dir: str | os.PathLike | None = None) -> None:
+        self.config = config or TrainConfig()
+        self.config.validate()
+        self.device = resolve_device(device)
+        if self.config.amp and self.device.type != "cuda":
+            raise ValueError("amp=True (bf16 autocast) needs a CUDA device; drop --amp or use device='cuda'")
+        self.model = model.to(self.device)
+        self.data = prepare_data(images, model.input_dim, model.likelihood).to(self.device)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.optimizer = _adam(self.model.parameters(), self.config.lr, self.device)
+        self.generator = torch.Generator(device=self.device)
+        if self.config.seed is not None:
+            torch.manual_seed(self.config.seed)
+            self.generator.manual_seed(self.config.seed)
+        self.epoch = 0
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.data.shape[0] / self.config.batch_size)
+
+    def beta_at(self, step: int) -> float:
+        """KL weight at a step: linear warm-up from 0 to beta, then beta."""
+        c = self.config
+        length = c.warmup * (self.steps_per_epoch if c.warmup_unit == "epochs" else 1)
+        return c.beta if length == 0 else c.beta * min(1.0, step / length)
+
+    def state(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "data": self.generator.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "config": self.model.config(),
+                "train": {k: v for k, v in asdict(self.config).items()}, "epoch": self.epoch, "step": self.step,
+                "history": self.history, "rng": rng}
+
+    def resume(self, path: str | os.PathLike) -> None:
+        """Continue from a checkpoint: weights, optimizer, RNG states, schedule and position."""
+        state = checkpoint.load(path, map_location=self.device)
+        checkpoint.check_config(state["config"], self.model.config(), path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        self.generator.set_state(state["rng"]["data"].cpu() if self.device.type == "cpu" else state["rng"]["data"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
+        self.epoch, self.step, self.history = state["epoch"], state["step"], list(state["history"])
+
+    def fit(self) -> list[dict[str, float]]:
+        """Train up to config.epochs; returns one dict per epoch (loss, recon, kl per sample, seconds)."""
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        with _checks.value_checks(False):  # the data was validated once in prepare_data
+            while self.epoch < self.config.epochs:
+                self.history.append(self._epoch())
+                self.epoch += 1
+                if self.out_dir is not None:
+                    checkpoint.save(self.state(), self.out_dir / CHECKPOINT)
+        return self.history
+
+    def _epoch(self) -> dict[str, float]:
+        from tqdm.auto import tqdm
+
+        c, n = self.config, self.data.shape[0]
+        model = self.model.train()
+        perm = torch.randperm(n, device=self.device, generator=self.generator)
+        sums = torch.zeros(3, device=self.device, dtype=torch.float64)
+        window = torch.zeros(3, device=self.device, dtype=torch.float64)
+        seen, window_seen, t0 = 0, 0, time.perf_counter()
+        t_window = t0
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{c.epochs}", disable=not c.progress, leave=False)
+        for i in range(self.steps_per_epoch):
+            batch = self.data[perm[i * c.batch_size:(i + 1) * c.batch_size]]
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.amp):
+                terms = model.loss_terms(batch, beta=self.beta_at(self.step), reduction="sum")
+            self.optimizer.zero_grad(set_to_none=True)
+            terms.loss.backward()
+            if c.check_finite and not bool(torch.isfinite(terms.loss)):
+                raise FloatingPointError(f"the loss became {terms.loss.item()} at step {self.step} (epoch {self.epoch + 1}); lower lr, check the data, or resume from the last checkpoint")
+            self.optimizer.step()
+            window += torch.stack([terms.loss.detach(), terms.recon, terms.kl]).to(torch.float64)
+            self.step += 1
+            window_seen += batch.shape[0]
+            if self.step % c.log_every == 0 or i == self.steps_per_epoch - 1:
+                sums += window
+                values = (window / window_seen).tolist()
+                now = time.perf_counter()
+                self._log({"step": self.step, "epoch": self.epoch + 1, "loss": values[0], "recon": values[1], "kl": values[2],
+                           "beta": self.beta_at(self.step - 1), "samples_per_s": window_seen / max(now - t_window, 1e-9)})
+                bar.set_postfix(loss=f"{values[0]:.2f}")
+                seen, window_seen, t_window = seen + window_seen, 0, now
+                window.zero_()
+            bar.update(1)
+        bar.close()
+        seconds = time.perf_counter() - t0
+        loss, recon, kl = (sums / seen).tolist()
+        record = {"epoch": self.epoch + 1, "loss": loss, "recon": recon, "kl": kl, "seconds": seconds, "samples_per_s": seen / seconds}
+        self._log({"event": "epoch", "step": self.step, **record})
+        return record
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.out_dir is not None:
+            with open(self.out_dir / METRICS, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
+    """Adam, the fused implementation where this torch offers it for the device."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=lr)
