@@ -126,6 +126,8 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, reduction: str = "sum"
     """
     _checks.reduction(reduction)
     _checks.latent_pair(mu, logvar)
+    if reduction == "mean" and mu.shape[0] == 0:
+        raise ValueError("mu and logvar hold an empty batch (0 rows): reduction='mean' is undefined; pass at least one sample or use reduction='sum'")
     rows = kl_rows_reference(mu, logvar)
     if reduction == "none":
         return rows
