@@ -113,6 +113,14 @@ def _side(n: int) -> tuple[int, int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as exc:  # bad input (data, checkpoint, settings): a message, not a traceback
+        print(f"fastvae {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from .runner import train
 
