@@ -144,6 +144,7 @@ class Trainer:
         """Train up to config.epochs; returns one dict per epoch (loss, recon, kl per sample, seconds)."""
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            _trim_metrics(self.out_dir / METRICS, self.step)
         with _checks.value_checks(False):  # the data was validated once in prepare_data
             while self.epoch < self.config.epochs:
                 self.history.append(self._epoch())
@@ -196,6 +197,22 @@ class Trainer:
         if self.out_dir is not None:
             with open(self.out_dir / METRICS, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop records past the step training restarts from: written by a run killed after its last checkpoint."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def _adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
