@@ -122,7 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
+        from .distributed import init_from_env
         from .runner import train
+
+        init_from_env()  # under torchrun: one process per rank, DistributedDataParallel
 
         _, history = train(
             args.dataset, data_dir=args.data_dir, out=args.out, device=args.device, resume=args.resume, limit=args.limit,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _checks, checkpoint
+from . import _checks, checkpoint, distributed
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -106,6 +106,9 @@ class Trainer:
         if self.config.seed is not None:
             torch.manual_seed(self.config.seed)
             self.generator.manual_seed(self.config.seed)
+        self.shard = distributed.Sharded(self.model, self.device, self.generator) if distributed.active() else None
+        if not distributed.is_main():
+            self.out_dir = None  # checkpoints and metrics come from rank 0 only
         self.epoch = 0
         self.step = 0
         self.history: list[dict[str, float]] = []
@@ -165,18 +168,24 @@ class Trainer:
         t_window = t0
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{c.epochs}", disable=not c.progress, leave=False)
         for i in range(self.steps_per_epoch):
-            batch = self.data[perm[i * c.batch_size:(i + 1) * c.batch_size]]
+            rows = perm[i * c.batch_size:(i + 1) * c.batch_size]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.amp):
-                terms = model.loss_terms(batch, beta=self.beta_at(self.step), reduction="sum")
+                if self.shard is None:
+                    terms = model.loss_terms(self.data[rows], beta=self.beta_at(self.step), reduction="sum")
+                    objective = terms.loss
+                else:
+                    terms, objective = self.shard.loss_terms(self.data, rows, self.beta_at(self.step))
             self.optimizer.zero_grad(set_to_none=True)
-            terms.loss.backward()
+            objective.backward()
             if c.check_finite and not bool(torch.isfinite(terms.loss)):
                 raise FloatingPointError(f"the loss became {terms.loss.item()} at step {self.step} (epoch {self.epoch + 1}); lower lr, check the data, or resume from the last checkpoint")
             self.optimizer.step()
             window += torch.stack([terms.loss.detach(), terms.recon, terms.kl]).to(torch.float64)
             self.step += 1
-            window_seen += batch.shape[0]
+            window_seen += rows.numel()
             if self.step % c.log_every == 0 or i == self.steps_per_epoch - 1:
+                if self.shard is not None:
+                    self.shard.all_reduce(window)
                 sums += window
                 values = (window / window_seen).tolist()
                 now = time.perf_counter()
