@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
-        from .distributed import init_from_env
+        from .distributed import init_from_env, is_main
         from .runner import train
 
         init_from_env()  # under torchrun: one process per rank, DistributedDataParallel
@@ -132,7 +132,7 @@ def _run(args: argparse.Namespace) -> int:
             hidden_dims=args.hidden_dims, latent_dim=args.latent_dim, likelihood=args.likelihood, backend=args.backend,
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, beta=args.beta, warmup=args.warmup,
             warmup_unit=args.warmup_unit, seed=args.seed, amp=args.amp, progress=not args.no_progress)
-        for h in history:
+        for h in history if is_main() else ():
             print(f"epoch {h['epoch']}: loss {h['loss']:.2f} per sample (recon {h['recon']:.2f}, kl {h['kl']:.2f}), {h['seconds']:.2f} s")
         return 0
     if args.command == "sample":
