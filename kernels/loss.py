@@ -19,7 +19,8 @@ from ._common import acc_dtype, pick, unsupported  # noqa: F401 - unsupported is
 def _log1p(t):
     """log(1 + t) accurate for small t (Kahan's trick), for t >= 0; no libdevice needed."""
     u = 1.0 + t
-    return tl.where(u == 1.0, t, tl.log(u) * (t / (u - 1.0)))
+    exact = u == 1.0
+    return tl.where(exact, t, tl.log(u) * (t / tl.where(exact, 1.0, u - 1.0)))
 
 
 @triton.jit
@@ -85,9 +86,9 @@ def loss_forward(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar
     recon = torch.empty(B, dtype=_rows_dtype(logits), device=logits.device)
     kl = torch.empty(B, dtype=_rows_dtype(mu), device=logits.device)
     grads = (torch.empty_like(logits), torch.empty_like(mu), torch.empty_like(logvar)) if need_grad else (logits, mu, logvar)
-    bd = pick(min(triton.next_power_of_2(max(D, 1)), 1024), min(triton.next_power_of_2(max(D, 1)), 1024), block_cols)
-    br = pick(max(1, 2048 // bd), max(1, 131072 // bd), block_rows)
-    bl = min(triton.next_power_of_2(max(L, 1)), 256)
+    bd = pick(min(triton.next_power_of_2(D), 1024), min(triton.next_power_of_2(D), 1024), block_cols)
+    bl = min(triton.next_power_of_2(L), 256)
+    br = pick(max(1, 2048 // max(bd, bl)), max(1, 131072 // max(bd, bl)), block_rows)  # tiles of <= 2048 elements on a GPU
     beta_hi = float(np.float32(beta))
     beta_lo = float(np.float32(beta - beta_hi))
     _loss[(triton.cdiv(B, br),)](logits, x, mu, logvar, recon, kl, *grads, B, D, L, beta_hi, beta_lo,

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from triton_helpers import assert_finite, poisoned  # noqa: F401 - fixture
+from triton_helpers import assert_finite, poisoned, strict  # noqa: F401 - fixtures
 from fastvae.kernels import reparam as kernels
 from fastvae.ops import philox
 from fastvae.ops.reparam import draw_eps, kl_rows_reference, reparameterize_kl

@@ -18,6 +18,12 @@ def _poison(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(0xAB if t.dtype == torch.uint8 else -7)
 
 
+@pytest.fixture(autouse=True)
+def strict(monkeypatch):
+    """A failing kernel raises instead of falling back to PyTorch (and disabling the backend)."""
+    monkeypatch.setenv("FASTVAE_STRICT", "1")
+
+
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every torch.empty / empty_like during the test comes back filled with NaN (ints with junk):
