@@ -113,7 +113,7 @@ def decode_mlp(layers: list[tuple[torch.Tensor, torch.Tensor]], z: torch.Tensor 
     K = layers[0][0].shape[1]
     if M == 0:
         return
-    target = out if out.is_contiguous() else torch.empty_like(out)
+    target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     zc = z.contiguous() if z is not None else out  # out: an unused pointer when drawing from the prior
     params = [(w.contiguous(), b.contiguous()) for w, b in layers]
     u8, precision = out.dtype == torch.uint8, _precision()
@@ -149,7 +149,7 @@ def to_image(values: torch.Tensor, out: torch.Tensor, from_logits: bool, *, bloc
     n = values.numel()
     if n == 0:
         return
-    target = out if out.is_contiguous() else torch.empty_like(out)
+    target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     bs = pick(1024, 1 << 20, block)
     _to_image[(triton.cdiv(n, bs),)](values.contiguous(), target, n, FROM_LOGITS=from_logits, U8=out.dtype == torch.uint8,
                                      ACC=acc_dtype(values), BLOCK=bs)
