@@ -1,4 +1,4 @@
-"""Helpers shared by the Triton kernels: the Philox normal, block-size defaults, dtype rules."""
+"""Helpers shared by the Triton kernels: the Philox normal, block-size defaults, the accumulation dtype."""
 from __future__ import annotations
 
 import os
@@ -22,13 +22,6 @@ def pick(gpu: int, interpreted: int, override: int | None = None) -> int:
 def acc_dtype(t: torch.Tensor) -> tl.dtype:
     """Accumulate in float64 for float64 tensors, else in float32."""
     return tl.float64 if t.dtype == torch.float64 else tl.float32
-
-
-def unsupported(*tensors: torch.Tensor) -> str | None:
-    """float64 on a GPU is left to PyTorch: Triton's float64 math (exp, log) is unverified there."""
-    if any(t.is_cuda and t.dtype == torch.float64 for t in tensors):
-        return "float64 CUDA tensors are not supported by the triton kernels"
-    return None
 
 
 @triton.jit

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, normal_at, pick, unsupported  # noqa: F401 - unsupported is part of the interface
+from ._common import acc_dtype, normal_at, pick
 
 MAX_FUSED_LATENT = 256  # the one-kernel path keeps a BLOCK_M x latent tile of z in registers
 
@@ -26,8 +26,10 @@ def _latents(z_ptr, seed, start, rows64, ks, M, K, PRIOR: tl.constexpr):
     """float32 [rows, ks] tile of the chunk's latents: read, or drawn at element (start + row) * K + k."""
     mask = (rows64 < M)[:, None] & (ks < K)[None, :]
     if PRIOR:
-        return tl.where(mask, normal_at(seed, (rows64 + start)[:, None] * K + ks[None, :]), 0.0)
-    return tl.load(z_ptr + rows64[:, None] * K + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+        z = tl.where(mask, normal_at(seed, (rows64 + start)[:, None] * K + ks[None, :]), 0.0)
+    else:
+        z = tl.load(z_ptr + rows64[:, None] * K + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+    return z
 
 
 @triton.jit

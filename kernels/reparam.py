@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, normal_at, pick, unsupported  # noqa: F401 - unsupported is part of the interface
+from ._common import acc_dtype, normal_at, pick
 
 
 @triton.jit

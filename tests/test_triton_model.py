@@ -7,7 +7,6 @@ import torch
 from triton_helpers import strict  # noqa: F401 - fixture
 import fastvae
 from fastvae import _triton
-from fastvae.kernels import _common
 from fastvae.ops.loss import loss_terms
 from fastvae.ops.reparam import new_seed, reparameterize
 
@@ -78,11 +77,3 @@ def test_missing_triton_is_a_clear_import_error(monkeypatch):
         _triton.load_kernels("loss")
     with pytest.raises(ValueError, match="op must be one of"):
         _triton.load_kernels("conv")
-
-
-def test_float64_on_gpu_is_refused_and_cpu_accepted():
-    class FakeCuda:
-        is_cuda, dtype = True, torch.float64
-
-    assert "float64" in _common.unsupported(torch.zeros(1), FakeCuda())
-    assert _common.unsupported(torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.bfloat16)) is None
