@@ -19,6 +19,7 @@ import triton.language as tl
 from ._common import acc_dtype, normal_at, pick
 
 MAX_FUSED_LATENT = 256  # the one-kernel path keeps a BLOCK_M x latent tile of z in registers
+NUM_WARPS = 8  # 64 x 128 float32 tiles: with 4 warps ptxas spills (scripts/check_triton_compile.py)
 
 
 @triton.jit
@@ -130,7 +131,7 @@ def decode_mlp(layers: list[tuple[torch.Tensor, torch.Tensor]], z: torch.Tensor 
         bn, bh = _dot_block(N, 128, 256, block_n), _dot_block(H, 64, 128, block_k)
         grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
         _mlp2[grid](zc, w1, b1, w2, b2, target, seed, start, M, K, H, N, PRIOR=z is None, U8=u8, PRECISION=precision,
-                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=max(16, triton.next_power_of_2(K)), BLOCK_H=bh)
+                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=max(16, triton.next_power_of_2(K)), BLOCK_H=bh, num_warps=NUM_WARPS)
     else:
         h = zc
         for i, (w, b) in enumerate(params):
@@ -140,7 +141,7 @@ def decode_mlp(layers: list[tuple[torch.Tensor, torch.Tensor]], z: torch.Tensor 
             bn, bk = _dot_block(n_out, 128, 256, block_n), _dot_block(k_in, 32, 128, block_k)
             grid = (triton.cdiv(M, bm), triton.cdiv(n_out, bn))
             _linear[grid](h, w, b, dst, seed, start, M, k_in, n_out, PRIOR=i == 0 and z is None, SIGMOID=last, U8=u8 and last,
-                          PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                          PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS)
             h = dst
     if target is not out:
         out.copy_(target)
