@@ -63,7 +63,7 @@ def _loss(l_ptr, x_ptr, mu_ptr, lv_ptr, recon_ptr, kl_ptr, gl_ptr, gmu_ptr, glv_
         mu = tl.load(mu_ptr + off, mask=mask, other=0.0).to(ACC_KL)
         lv = tl.load(lv_ptr + off, mask=mask, other=0.0).to(ACC_KL)
         var = tl.exp(lv)
-        kl += tl.sum(1.0 + lv - mu * mu - var, axis=1)  # padding adds 0
+        kl += tl.sum(tl.where(mask, 1.0 + lv - mu * mu - var, 0.0), axis=1)
         if NEED_GRAD:
             tl.store(gmu_ptr + off, (beta * mu).to(gmu_ptr.dtype.element_ty), mask=mask)
             tl.store(glv_ptr + off, (beta * 0.5 * (var - 1.0)).to(glv_ptr.dtype.element_ty), mask=mask)

@@ -25,7 +25,7 @@ def _forward(mu_ptr, lv_ptr, z_ptr, kl_ptr, seed, B, L, K, ACC: tl.constexpr, BL
         off = rows64[:, None] * L + cols[None, :]
         mu = tl.load(mu_ptr + off, mask=mask, other=0.0).to(ACC)
         lv = tl.load(lv_ptr + off, mask=mask, other=0.0).to(ACC)
-        kl += tl.sum(1.0 + lv - mu * mu - tl.exp(lv), axis=1)  # padding adds 1 + 0 - 0 - 1 = 0
+        kl += tl.sum(tl.where(mask, 1.0 + lv - mu * mu - tl.exp(lv), 0.0), axis=1)
         std = tl.exp(0.5 * lv)
         for s in range(K):
             zrow = rows64 + (rows64 * 0 + s) * B  # int64: k * B * L may pass 2**31
