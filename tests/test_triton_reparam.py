@@ -8,7 +8,7 @@ from fastvae.ops import philox
 from fastvae.ops.reparam import draw_eps, kl_rows_reference, reparameterize_kl
 
 
-@pytest.mark.parametrize("batch,latent,k,seed", [(1, 1, 1, 0), (1, 5, 3, 1), (7, 20, 3, 123456789), (333, 33, 1, 2**63 - 1), (3001, 20, 2, 2**40 + 5)])
+@pytest.mark.parametrize("batch,latent,k,seed", [(1, 1, 1, 0), (1, 5, 3, 1), (7, 20, 3, 123456789), (333, 33, 1, 2**63 - 1), (3001, 20, 1, 2**40 + 5)])
 def test_eps_is_the_philox_stream(batch, latent, k, seed):
     mu = torch.randn(batch, latent)
     eps = draw_eps(mu, mu, seed=seed, k=k, backend="triton")
