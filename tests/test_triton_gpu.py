@@ -41,7 +41,7 @@ def test_loss_values_and_gradients(dtype, likelihood):
     mu, logvar = torch.randn(1031, 20, device="cuda"), torch.randn(1031, 20, device="cuda")
     out = []
     for backend, cast in (("triton", dtype), ("torch", torch.float64)):
-        leaves = [t.to(cast).requires_grad_() for t in (logits, mu, logvar)]
+        leaves = [t.detach().clone().to(cast).requires_grad_() for t in (logits, mu, logvar)]
         loss = loss_terms(*leaves[:1], x, *leaves[1:], beta=0.3, likelihood=likelihood, backend=backend).loss
         loss.backward()
         out.append([loss.detach().double()] + [t.grad.double() for t in leaves])
