@@ -235,5 +235,5 @@ def test_example_after_is_before_plus_two_lines_and_runs(fashion, monkeypatch, c
     removed = [d[1:].strip() for d in diff if d.startswith("-") and d[1:].strip()]
     assert added == ["from fastvae.functional import vae_loss as loss_function", "model = fastvae.accelerate(model)"]
     assert removed[0] == "def loss_function(recon_x, x, mu, logvar):" and len(removed) == 4
-    history = runpy.run_path(str(EXAMPLES / "mnist_vae_after.py"))["main"](["--epochs", "1", "--limit", "512", "--batch-size", "64"])
+    history = runpy.run_path(str(EXAMPLES / "mnist_vae_after.py"))["main"](["--epochs", "1", "--limit", "256", "--batch-size", "64"])
     assert 150 < history[0][0] < 700 and "Epoch: 1" in capsys.readouterr().out

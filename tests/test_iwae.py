@@ -88,21 +88,21 @@ def trained():
     if not (DEBIAN / "train-images-idx3-ubyte.gz").exists():
         pytest.skip("apt-get install dataset-fashion-mnist to run the real-data tests")
     torch.manual_seed(0)
-    images = fastvae.data.load("fashion-mnist", "train").images[:1536]
+    images = fastvae.data.load("fashion-mnist", "train").images[:1088]
     model = fastvae.VAE(hidden_dims=(64,), latent_dim=8)
-    fastvae.Trainer(model, images[:1280], fastvae.TrainConfig(epochs=2, progress=False), device="cpu").fit()
-    return model, images[1280:]
+    fastvae.Trainer(model, images[:960], fastvae.TrainConfig(epochs=1, batch_size=64, progress=False), device="cpu").fit()
+    return model, images[960:]
 
 
 def test_iwae_bound_above_elbo_and_tightens_with_k(trained):
     model, held_out = trained
     e1 = fastvae.evaluate(model, held_out, k=1, batch_size=100)
     e50 = fastvae.evaluate(model, held_out, k=50, batch_size=100)
-    assert e50.n == 256 and e50.k == 50
+    assert e50.n == 128 and e50.k == 50
     assert e50.iwae > e50.elbo + 0.5  # a clear gap, nats per sample
     assert e50.iwae > e1.iwae + 0.5
     assert abs(e1.iwae - e1.elbo) < 3.0  # k=1: the same bound in expectation (sampled vs analytic KL)
-    assert -700 < e50.elbo < -150  # a sane per-sample figure for 784 pixels after 20 steps
+    assert -700 < e50.elbo < -150  # a sane per-sample figure for 784 pixels after 15 steps
     torch.testing.assert_close(e50.elbo, fastvae.evaluate(model, held_out, k=50, batch_size=37).elbo, rtol=0.02, atol=0)
 
 
@@ -111,8 +111,10 @@ def test_trainer_iwae_objective_trains(trained):
     torch.manual_seed(1)
     model = fastvae.VAE(hidden_dims=(64,), latent_dim=8)
     before = fastvae.evaluate(model, images, k=5).iwae
-    history = fastvae.Trainer(model, images, fastvae.TrainConfig(epochs=2, batch_size=64, objective="iwae", k=3, progress=False), device="cpu").fit()
-    assert history[-1]["loss"] < history[0]["loss"] and fastvae.evaluate(model, images, k=5).iwae > before + 20
+    fastvae.TrainConfig(objective="iwae", k=3).validate()
+    history = fastvae.Trainer(model, images, fastvae.TrainConfig(epochs=3, batch_size=32, objective="iwae", k=3, progress=False), device="cpu").fit()
+    after = fastvae.evaluate(model, images, k=5)
+    assert after.iwae > before + 20 and after.iwae >= after.elbo
     assert history[-1]["kl"] > 0 and history[-1]["recon"] > 0
 
 
