@@ -1,7 +1,8 @@
 """``fastvae.accelerate(model)``: fused sampling and loss-from-logits for a user's own VAE module.
 
-The parts are found by structure, from one probe forward (eval mode, no grad, the caller's RNG
-state restored) that records every torch call and every nn.Linear call:
+The parts are found by structure, from one probe forward (training mode, so that the sampling
+runs; no grad; buffers such as batch-norm statistics and the caller's RNG state restored) that
+records every torch call and every nn.Linear call:
 
 - the forward returns ``(x_hat, mu, logvar, ...)``;
 - ``mu`` and ``logvar`` are the direct outputs of two distinct nn.Linear heads fed the same tensor;
@@ -85,13 +86,17 @@ def find_parts(model: nn.Module, example: torch.Tensor | None = None) -> _Parts:
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Linear)]
     was_training = model.training
+    buffers = [(b, b.clone()) for b in model.buffers()]
     recorder = _Recorder()
     try:
-        model.eval()
+        model.train()
         with torch.random.fork_rng(devices=[]), torch.no_grad(), recorder:
             out = model(x)
     finally:
         model.train(was_training)
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
         for h in handles:
             h.remove()
 
@@ -180,8 +185,10 @@ class _FusedHooks:
             self.logvar = out
 
     def sample(self, module, args):
-        """Replace the decoder's input by the fused sample, once per forward and only for the z of this forward."""
-        if self.active and not self.sampled and self.mu is not None and self.logvar is not None and args[0].shape == self.mu.shape:
+        """Replace the decoder's input by the fused sample, once per forward, only for a z of this
+        forward (not for mu itself, which some models decode in eval mode)."""
+        z = args[0]
+        if self.active and not self.sampled and self.mu is not None and self.logvar is not None and z.shape == self.mu.shape and z is not self.mu:
             self.sampled = True
             return (reparameterize(self.mu, self.logvar, seed=self.seed, backend=self.backend), *args[1:])
         return None

@@ -237,3 +237,52 @@ def test_example_after_is_before_plus_two_lines_and_runs(fashion, monkeypatch, c
     assert removed[0] == "def loss_function(recon_x, x, mu, logvar):" and len(removed) == 4
     history = runpy.run_path(str(EXAMPLES / "mnist_vae_after.py"))["main"](["--epochs", "1", "--limit", "256", "--batch-size", "64"])
     assert 150 < history[0][0] < 700 and "Epoch: 1" in capsys.readouterr().out
+
+
+class BatchNormEvalMean(nn.Module):
+    """Batch-norm in the encoder and the common 'decode mu in eval mode' sampler."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.ReLU())
+        self.fc_mu, self.fc_lv = nn.Linear(8, 2), nn.Linear(8, 2)
+        self.dec = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 10))
+
+    def reparameterize(self, mu, logvar):
+        if not self.training:
+            return mu
+        return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+
+    def forward(self, x):
+        h = self.enc(x)
+        mu, logvar = self.fc_mu(h), self.fc_lv(h)
+        return torch.sigmoid(self.dec(self.reparameterize(mu, logvar))), mu, logvar
+
+
+def test_probe_restores_buffers_and_eval_mode_decoding_of_mu_is_kept():
+    model = BatchNormEvalMean().eval()
+    before = snapshot(model)
+    fastvae.accelerate(model)
+    assert not model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    x = torch.rand(4, 10)
+    x_hat, mu, _ = model(x)
+    torch.testing.assert_close(x_hat, torch.sigmoid(model.dec(mu)))  # eval: mu decoded, as the user wrote it
+    model.train()
+    assert not torch.equal(model(x)[0], model(x)[0])  # train: sampled
+
+
+def test_accelerated_model_deepcopies_and_pickles():
+    import io
+
+    model = fastvae.accelerate(ExamplesVAE(), seed=3)
+    x = torch.rand(2, 37)
+    for other in (copy.deepcopy(model), _pickled(model, io.BytesIO())):
+        assert other._fastvae_hooks.parts.mu is other.fc21  # the copy's hooks point at the copy
+        x_hat = other(x)[0]
+        assert torch.equal(x_hat, model(x)[0]) and hasattr(x_hat, "_fastvae_logits")
+
+
+def _pickled(model, buf):
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
