@@ -1,5 +1,6 @@
 """fastvae: fused-kernel training engine for Variational Autoencoders."""
 from . import functional, ops, reference
+from . import data
 from ._checks import value_checks
 from .accelerate import accelerate
 from .apps import interpolate, latent_map, score
