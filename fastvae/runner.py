@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 
 from . import data as datasets
-from . import plots
+from . import distributed, plots
 from .model import VAE
 from .trainer import CHECKPOINT, METRICS, TrainConfig, Trainer
 
@@ -51,8 +51,9 @@ def train(
     if resume:
         trainer.resume(resume)
     history = trainer.fit()
-    write_pictures(model, images, out_dir, image_shape=tuple(images.shape[1:3]) if images.dim() == 3 else None)
-    print(f"wrote {out_dir / CHECKPOINT}, {out_dir / METRICS} and PNGs to {out_dir}")
+    if distributed.is_main():
+        write_pictures(model, images, out_dir, image_shape=tuple(images.shape[1:3]) if images.dim() == 3 else None)
+        print(f"wrote {out_dir / CHECKPOINT}, {out_dir / METRICS} and PNGs to {out_dir}")
     return model, history
 
 
