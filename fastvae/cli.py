@@ -1,4 +1,4 @@
-"""The ``fastvae`` command: train, sample, reconstruct, info."""
+"""The ``fastvae`` command: train, sample, reconstruct, score, info."""
 from __future__ import annotations
 
 import argparse
@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--beta", type=_non_negative_float, default=1.0, help="KL weight (beta-VAE)")
     t.add_argument("--warmup", type=_non_negative_int, default=0, help="KL warm-up length (0: none)")
     t.add_argument("--warmup-unit", choices=("steps", "epochs"), default="steps")
+    t.add_argument("--warmup-schedule", choices=("linear", "cyclical"), default="linear", help="KL warm-up shape")
+    t.add_argument("--cycles", type=_positive_int, default=4, help="cycles of a cyclical warm-up")
+    t.add_argument("--objective", choices=("elbo", "iwae"), default="elbo", help="training bound")
+    t.add_argument("--k", type=_positive_int, default=5, help="samples per input for --objective iwae")
     t.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     t.add_argument("--backend", default=None, choices=("auto", "torch", "triton", "cpp", "cuda"))
     t.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
@@ -90,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--split", choices=("train", "test"), default="test")
     r.add_argument("-n", type=_positive_int, default=32)
     r.add_argument("--out", default="reconstructions.png")
+
+    sc = sub.add_parser("score", help="per-sample anomaly scores (-ELBO, or -IWAE bound with --k > 1) to a CSV")
+    sc.add_argument("checkpoint")
+    sc.add_argument("--dataset", default="fashion-mnist")
+    sc.add_argument("--data-dir", default=None)
+    sc.add_argument("--split", choices=("train", "test"), default="test")
+    sc.add_argument("--k", type=_positive_int, default=1)
+    sc.add_argument("--batch-size", type=_positive_int, default=256)
+    sc.add_argument("--out", default="scores.csv")
 
     sub.add_parser("info", help="versions, devices and active backends")
     return parser
@@ -131,7 +144,8 @@ def _run(args: argparse.Namespace) -> int:
             args.dataset, data_dir=args.data_dir, out=args.out, device=args.device, resume=args.resume, limit=args.limit,
             hidden_dims=args.hidden_dims, latent_dim=args.latent_dim, likelihood=args.likelihood, backend=args.backend,
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, beta=args.beta, warmup=args.warmup,
-            warmup_unit=args.warmup_unit, seed=args.seed, amp=args.amp, progress=not args.no_progress)
+            warmup_unit=args.warmup_unit, seed=args.seed, amp=args.amp, progress=not args.no_progress,
+            warmup_schedule=args.warmup_schedule, cycles=args.cycles, objective=args.objective, k=args.k)
         for h in history if is_main() else ():
             print(f"epoch {h['epoch']}: loss {h['loss']:.2f} per sample (recon {h['recon']:.2f}, kl {h['kl']:.2f}), {h['seconds']:.2f} s")
         return 0
@@ -149,6 +163,14 @@ def _run(args: argparse.Namespace) -> int:
         model = _load_model(args.checkpoint)
         images = data.load(args.dataset, args.split, root=args.data_dir).images[: args.n]
         out = plots.write_png(plots.reconstruction_grid(model, images, tuple(images.shape[1:3])), args.out)
+        print(f"wrote {out}")
+        return 0
+    if args.command == "score":
+        from . import data
+        from .apps import write_scores
+
+        split = data.load(args.dataset, args.split, root=args.data_dir)
+        out = write_scores(_load_model(args.checkpoint), split.images, split.labels, args.out, k=args.k, batch_size=args.batch_size)
         print(f"wrote {out}")
         return 0
     print(json.dumps(info(), indent=2))

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from . import _checks, checkpoint, distributed
+from .iwae import iwae_terms
+from .schedules import SCHEDULES, kl_weight
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -33,6 +35,10 @@ class TrainConfig:
     beta: float = 1.0
     warmup: int = 0  # KL warm-up length: beta ramps linearly from 0 over this many steps or epochs
     warmup_unit: str = "steps"  # "steps" or "epochs"
+    warmup_schedule: str = "linear"  # "linear" or "cyclical" (see fastvae.schedules)
+    cycles: int = 4  # cyclical warm-up: number of cycles within the warm-up
+    objective: str = "elbo"  # "elbo" or "iwae" (importance-weighted bound with k samples per input)
+    k: int = 5  # samples per input for objective="iwae"
     seed: int | None = 0
     amp: bool = False  # bf16 autocast (CUDA only)
     log_every: int = 50  # steps between reads of the running loss (host syncs)
@@ -44,6 +50,12 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "log_every"):
             _checks.positive_int(name, getattr(self, name))
         _checks.positive_int("warmup", self.warmup, minimum=0)
+        _checks.positive_int("cycles", self.cycles)
+        _checks.positive_int("k", self.k)
+        if self.warmup_schedule not in SCHEDULES:
+            raise ValueError(f"warmup_schedule must be one of {SCHEDULES}, got {self.warmup_schedule!r}")
+        if self.objective not in ("elbo", "iwae"):
+            raise ValueError(f"objective must be 'elbo' or 'iwae', got {self.objective!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
         if not (isinstance(self.beta, (int, float)) and self.beta >= 0 and math.isfinite(self.beta)):
@@ -106,6 +118,8 @@ class Trainer:
         if self.config.seed is not None:
             torch.manual_seed(self.config.seed)
             self.generator.manual_seed(self.config.seed)
+        if self.config.objective == "iwae" and distributed.active():
+            raise ValueError("objective='iwae' is not supported in multi-process training yet; use objective='elbo' or one process")
         self.shard = distributed.Sharded(self.model, self.device, self.generator) if distributed.active() else None
         if not distributed.is_main():
             self.out_dir = None  # checkpoints and metrics come from rank 0 only
@@ -118,10 +132,10 @@ class Trainer:
         return math.ceil(self.data.shape[0] / self.config.batch_size)
 
     def beta_at(self, step: int) -> float:
-        """KL weight at a step: linear warm-up from 0 to beta, then beta."""
+        """KL weight at a step: linear or cyclical warm-up from 0 to beta, then beta."""
         c = self.config
         length = c.warmup * (self.steps_per_epoch if c.warmup_unit == "epochs" else 1)
-        return c.beta if length == 0 else c.beta * min(1.0, step / length)
+        return kl_weight(step, c.beta, length, c.warmup_schedule, c.cycles)
 
     def state(self) -> dict[str, Any]:
         rng = {"torch": torch.get_rng_state(), "data": self.generator.get_state()}
@@ -171,7 +185,8 @@ class Trainer:
             rows = perm[i * c.batch_size:(i + 1) * c.batch_size]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.amp):
                 if self.shard is None:
-                    terms = model.loss_terms(self.data[rows], beta=self.beta_at(self.step), reduction="sum")
+                    terms = (iwae_terms(model, self.data[rows], c.k, beta=self.beta_at(self.step)) if c.objective == "iwae"
+                             else model.loss_terms(self.data[rows], beta=self.beta_at(self.step), reduction="sum"))
                     objective = terms.loss
                 else:
                     terms, objective = self.shard.loss_terms(self.data, rows, self.beta_at(self.step))

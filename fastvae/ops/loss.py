@@ -152,10 +152,15 @@ def vae_loss(x_hat: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: tor
     """Drop-in for the reference loss: binary_cross_entropy(x_hat, x, reduction='sum') + beta * KLD.
 
     Takes probabilities, keeps torch's clamp of each log at -100 for parity, and flattens
-    image-shaped x as the reference's ``x.view(-1, 784)`` does.
+    image-shaped x as the reference's ``x.view(-1, 784)`` does. When x_hat comes from a model
+    passed through ``fastvae.accelerate`` it carries its logits: the loss is then the fused,
+    unclamped ``bce_kl_loss`` from them (equal except where a probability saturates to 0 or 1).
     """
     _checks.floating("x_hat", x_hat)
     _checks.latent_pair(mu, logvar)
+    logits = getattr(x_hat, "_fastvae_logits", None)
+    if logits is not None:
+        return bce_kl_loss(logits.reshape(mu.shape[0], -1), x, mu, logvar, beta=beta)
     beta = _checks.beta(beta)
     if x.numel() != x_hat.numel():
         raise ValueError(f"x must have as many elements as x_hat {tuple(x_hat.shape)}, got {tuple(x.shape)}")
