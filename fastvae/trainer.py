@@ -84,15 +84,31 @@ def prepare_data(images: torch.Tensor, input_dim: int, likelihood: str) -> torch
     return flat
 
 
+def prepare_labels(model: nn.Module, labels: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """Check the labels against the model (``model.conditional``) and the data set, once."""
+    conditional = getattr(model, "conditional", False)
+    if labels is None:
+        if conditional:
+            raise ValueError(f"{type(model).__name__} is conditional: pass labels=... (one per image) to the Trainer")
+        return None
+    if not conditional:
+        raise ValueError(f"labels were given but {type(model).__name__} is not conditional; drop them or use fastvae.models.ConditionalVAE")
+    model.condition(labels, n)  # validates dtype, shape and range
+    return labels
+
+
 class Trainer:
-    """Trains a ``fastvae.VAE`` on a dataset held as one tensor on the training device.
+    """Trains a ``fastvae.VAE`` (or a fastvae.models variant) on a dataset held as one tensor on the training device.
 
     images: (N, ...) uint8 pixels (read as x/255) or floats; out_dir: where checkpoint.pt,
-    metrics.jsonl and the PNGs go (None: nothing is written).
+    metrics.jsonl and the PNGs go (None: nothing is written). labels: one per image, for
+    conditional models (``model.conditional``), gathered with the same shuffled index.
+    A model with its own ``training_step(batch, optimizer, beta=...)`` (the AAE) makes its updates itself.
     """
 
     def __init__(self, model: nn.Module, images: torch.Tensor, config: TrainConfig | None = None, *,
-                 device: str | torch.device | None = "auto", out_dir: str | os.PathLike | None = None) -> None:
+                 device: str | torch.device | None = "auto", out_dir: str | os.PathLike | None = None,
+                 labels: torch.Tensor | None = None) -> None:
         self.config = config or TrainConfig()
         self.config.validate()
         self.device = resolve_device(device)
@@ -100,6 +116,10 @@ class Trainer:
             raise ValueError("amp=True (bf16 autocast) needs a CUDA device; drop --amp or use device='cuda'")
         self.model = model.to(self.device)
         self.data = prepare_data(images, model.input_dim, model.likelihood).to(self.device)
+        labels = prepare_labels(model, labels, self.data.shape[0])
+        self.labels = labels.to(self.device) if labels is not None else None
+        if self.config.amp and hasattr(model, "training_step"):
+            raise ValueError(f"amp=True is not supported for {type(model).__name__}, which makes its own updates (training_step); drop --amp")
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.optimizer = _adam(self.model.parameters(), self.config.lr, self.device)
         self.generator = torch.Generator(device=self.device)
@@ -157,6 +177,7 @@ class Trainer:
 
         c, n = self.config, self.data.shape[0]
         model = self.model.train()
+        custom_step = getattr(model, "training_step", None)  # models that make their own updates (AAE)
         perm = torch.randperm(n, device=self.device, generator=self.generator)
         sums = torch.zeros(3, device=self.device, dtype=torch.float64)
         window = torch.zeros(3, device=self.device, dtype=torch.float64)
@@ -164,14 +185,20 @@ class Trainer:
         t_window = t0
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{c.epochs}", disable=not c.progress, leave=False)
         for i in range(self.steps_per_epoch):
-            batch = self.data[perm[i * c.batch_size:(i + 1) * c.batch_size]]
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.amp):
-                terms = model.loss_terms(batch, beta=self.beta_at(self.step), reduction="sum")
-            self.optimizer.zero_grad(set_to_none=True)
-            terms.loss.backward()
+            index = perm[i * c.batch_size:(i + 1) * c.batch_size]
+            batch = self.data[index]
+            condition = {"labels": self.labels[index]} if self.labels is not None else {}
+            if custom_step is not None:
+                terms = custom_step(batch, self.optimizer, beta=self.beta_at(self.step), **condition)
+            else:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.amp):
+                    terms = model.loss_terms(batch, beta=self.beta_at(self.step), reduction="sum", **condition)
+                self.optimizer.zero_grad(set_to_none=True)
+                terms.loss.backward()
             if c.check_finite and not bool(torch.isfinite(terms.loss)):
                 raise FloatingPointError(f"the loss became {terms.loss.item()} at step {self.step} (epoch {self.epoch + 1}); lower lr, check the data, or resume from the last checkpoint")
-            self.optimizer.step()
+            if custom_step is None:
+                self.optimizer.step()
             window += torch.stack([terms.loss.detach(), terms.recon, terms.kl]).to(torch.float64)
             self.step += 1
             window_seen += batch.shape[0]
