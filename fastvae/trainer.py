@@ -103,7 +103,8 @@ class Trainer:
     images: (N, ...) uint8 pixels (read as x/255) or floats; out_dir: where checkpoint.pt,
     metrics.jsonl and the PNGs go (None: nothing is written). labels: one per image, for
     conditional models (``model.conditional``), gathered with the same shuffled index.
-    A model with its own ``training_step(batch, optimizer, beta=...)`` (the AAE) makes its updates itself.
+    A model with its own ``training_step(batch, optimizer, beta=...)`` (the AAE) makes its updates itself
+    with the optimizer its ``make_optimizer(lr)`` returns.
     """
 
     def __init__(self, model: nn.Module, images: torch.Tensor, config: TrainConfig | None = None, *,
@@ -121,7 +122,8 @@ class Trainer:
         if self.config.amp and hasattr(model, "training_step"):
             raise ValueError(f"amp=True is not supported for {type(model).__name__}, which makes its own updates (training_step); drop --amp")
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.optimizer = _adam(self.model.parameters(), self.config.lr, self.device)
+        make_optimizer = getattr(model, "make_optimizer", None)  # models with their own training_step (AAE)
+        self.optimizer = make_optimizer(self.config.lr) if make_optimizer else _adam(self.model.parameters(), self.config.lr, self.device)
         self.generator = torch.Generator(device=self.device)
         if self.config.seed is not None:
             torch.manual_seed(self.config.seed)

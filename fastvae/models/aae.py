@@ -2,11 +2,13 @@
 
 Encoder: an MLP to the code z (deterministic), or to (mu, logvar) with z sampled (gaussian=True).
 Discriminator: an MLP from z to one logit, "drawn from the prior N(0, I)" against "a code".
-``training_step`` makes the three updates of one batch with one optimizer over all parameters
-(Adam skips parameters without a gradient, so each update moves only its own networks):
-reconstruction (encoder + decoder), discriminator, generator (encoder fools the discriminator).
+``training_step`` makes the three updates of one batch, each with its own Adam (``AAEOptimizer``,
+which the Trainer gets from ``make_optimizer``): reconstruction (encoder + decoder), discriminator,
+generator (the encoder learns to fool the discriminator). Separate Adam states keep the summed
+pixel reconstruction loss from drowning the adversarial gradients in a shared second moment.
 In LossTerms, ``kl`` holds the generator's adversarial loss, the term that plays the KL's part;
-beta weights it.
+beta weights it (Adam normalises the generator step, so beta=0 switches the prior matching off
+and any beta > 0 acts alike).
 """
 from __future__ import annotations
 
@@ -19,6 +21,25 @@ from ..model import MLPDecoder, MLPEncoder
 from ..ops.loss import LossTerms, _reduce, loss_terms
 from ..ops.reparam import reparameterize
 from .base import LatentModel, check_settings
+
+
+class AAEOptimizer:
+    """One Adam per phase: autoencoder (encoder + decoder), discriminator, generator (encoder);
+    state_dict/load_state_dict make it checkpoint like one optimizer."""
+
+    PHASES = ("autoencoder", "discriminator", "generator")
+
+    def __init__(self, model: "AdversarialAE", lr: float) -> None:
+        self.autoencoder = torch.optim.Adam([*model.encoder.parameters(), *model.decoder.parameters()], lr=lr)
+        self.discriminator = torch.optim.Adam(model.discriminator.parameters(), lr=lr)
+        self.generator = torch.optim.Adam(model.encoder.parameters(), lr=lr)
+
+    def state_dict(self) -> dict:
+        return {phase: getattr(self, phase).state_dict() for phase in self.PHASES}
+
+    def load_state_dict(self, state: dict) -> None:
+        for phase in self.PHASES:
+            getattr(self, phase).load_state_dict(state[phase])
 
 
 class AdversarialAE(LatentModel):
@@ -88,27 +109,27 @@ class AdversarialAE(LatentModel):
         recon, fooled = self._recon_rows(z, x, flat), self._fooled_rows(z)
         return LossTerms(_reduce(recon + beta * fooled, reduction), _reduce(recon.detach(), reduction), _reduce(fooled.detach(), reduction))
 
-    def training_step(self, x: torch.Tensor, optimizer: torch.optim.Optimizer, *, beta: float = 1.0) -> LossTerms:
+    def make_optimizer(self, lr: float) -> AAEOptimizer:
+        """The optimizer training_step expects (the Trainer calls this instead of building its Adam)."""
+        return AAEOptimizer(self, lr)
+
+    def training_step(self, x: torch.Tensor, optimizer: AAEOptimizer, *, beta: float = 1.0) -> LossTerms:
         """One batch: reconstruction, discriminator and generator updates; returns the summed, detached terms."""
+        if not isinstance(optimizer, AAEOptimizer):
+            raise TypeError(f"optimizer must be the AAEOptimizer of model.make_optimizer(lr), got {type(optimizer).__name__}")
         flat = self.flatten(x)
         recon = self._recon_rows(self.encode_sample(flat), x, flat).sum()
-        optimizer.zero_grad(set_to_none=True)
-        recon.backward()
-        optimizer.step()
-
-        optimizer.zero_grad(set_to_none=True)
-        self.discriminator_loss(self.encode_sample(flat).detach()).backward()
-        optimizer.step()
-
+        self._update(optimizer.autoencoder, recon)
+        self._update(optimizer.discriminator, self.discriminator_loss(self.encode_sample(flat).detach()))
         fooled = self._fooled_rows(self.encode_sample(flat)).sum()
-        optimizer.zero_grad(set_to_none=True)
-        (beta * fooled).backward()
-        for p in self.discriminator.parameters():
-            p.grad = None  # the generator update moves the encoder only
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        self._update(optimizer.generator, beta * fooled)  # steps the encoder only; the discriminator's grads are cleared next time
         recon, fooled = recon.detach(), fooled.detach()
         return LossTerms(recon + beta * fooled, recon, fooled)
+
+    def _update(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        self.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
     @torch.no_grad()
     def discriminator_accuracy(self, x: torch.Tensor) -> float:
