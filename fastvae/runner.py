@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-
 from torch import nn
 
 from . import data as datasets

@@ -21,10 +21,11 @@ TINY = {
     "vae": lambda: fastvae.VAE(784, (16,), 3),
     "cvae": lambda: ConditionalVAE(784, (16,), 3, num_classes=10),
     "conv": lambda: ConvVAE((1, 28, 28), (4, 8), 3),
-    "conv64": lambda: ConvVAE((3, 64, 64), (4, 4, 8, 8), 3),
+    "conv-64x64x3": lambda: ConvVAE((3, 64, 64), (4, 4, 8, 8), 3),
     "hvae": lambda: HierarchicalVAE(784, (16,), (4, 2), (8,)),
     "rvae": lambda: RecurrentVAE(28, 28, hidden_size=16, latent_dim=3, likelihood="bernoulli"),
     "aae": lambda: AdversarialAE(784, (16,), 2, (8,)),
+    "aae-gaussian": lambda: AdversarialAE(784, (16,), 2, (8,), gaussian=True),
 }
 
 
@@ -55,7 +56,7 @@ def test_interface_config_roundtrip_and_gradients(name):
     model = TINY[name]()
     cfg = model.config()
     assert json.loads(json.dumps(cfg)) == cfg
-    assert cfg.get("model", "vae") == name.rstrip("64")
+    assert cfg.get("model", "vae") == name.split("-")[0]
     x = torch.rand(5, model.input_dim)
     cond = _condition(model, 5)
     torch.manual_seed(1)
