@@ -29,6 +29,16 @@ TINY = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread; two threads on a loaded 2-core machine spin-wait
+    (the GRU tests took 10x longer)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def real_data():
     if not (DEBIAN / "train-images-idx3-ubyte.gz").exists():
