@@ -117,15 +117,26 @@ def _side(n: int) -> tuple[int, int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as exc:  # bad input (data, checkpoint, settings): a message, not a traceback
+        print(f"fastvae {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
+        from .distributed import init_from_env, is_main
         from .runner import train
+
+        init_from_env()  # under torchrun: one process per rank, DistributedDataParallel
 
         _, history = train(
             args.dataset, data_dir=args.data_dir, out=args.out, device=args.device, resume=args.resume, limit=args.limit,
             model=args.model, hidden_dims=args.hidden_dims, latent_dim=args.latent_dim, likelihood=args.likelihood, backend=args.backend,
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, beta=args.beta, warmup=args.warmup,
             warmup_unit=args.warmup_unit, seed=args.seed, amp=args.amp, progress=not args.no_progress)
-        for h in history:
+        for h in history if is_main() else ():
             print(f"epoch {h['epoch']}: loss {h['loss']:.2f} per sample (recon {h['recon']:.2f}, kl {h['kl']:.2f}), {h['seconds']:.2f} s")
         return 0
     if args.command == "sample":

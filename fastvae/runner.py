@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import data as datasets
-from . import models, plots
+from . import distributed, models, plots
 from .trainer import CHECKPOINT, METRICS, TrainConfig, Trainer
 
 
@@ -57,8 +57,9 @@ def train(
     if resume:
         trainer.resume(resume)
     history = trainer.fit()
-    write_pictures(net, images, out_dir, image_shape=tuple(images.shape[1:3]) if images.dim() == 3 else None, labels=labels)
-    print(f"wrote {out_dir / CHECKPOINT}, {out_dir / METRICS} and PNGs to {out_dir}")
+    if distributed.is_main():
+        write_pictures(net, images, out_dir, image_shape=tuple(images.shape[1:3]) if images.dim() == 3 else None, labels=labels)
+        print(f"wrote {out_dir / CHECKPOINT}, {out_dir / METRICS} and PNGs to {out_dir}")
     return net, history
 
 

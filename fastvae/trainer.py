@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _checks, checkpoint
+from . import _checks, checkpoint, distributed
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -128,6 +128,11 @@ class Trainer:
         if self.config.seed is not None:
             torch.manual_seed(self.config.seed)
             self.generator.manual_seed(self.config.seed)
+        if distributed.active() and getattr(model, "name", "vae") != "vae":
+            raise ValueError(f"multi-process training supports fastvae.VAE only, not {type(model).__name__}; run this model in one process")
+        self.shard = distributed.Sharded(self.model, self.device, self.generator) if distributed.active() else None
+        if not distributed.is_main():
+            self.out_dir = None  # checkpoints and metrics come from rank 0 only
         self.epoch = 0
         self.step = 0
         self.history: list[dict[str, float]] = []
@@ -166,6 +171,7 @@ class Trainer:
         """Train up to config.epochs; returns one dict per epoch (loss, recon, kl per sample, seconds)."""
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            _trim_metrics(self.out_dir / METRICS, self.step)
         with _checks.value_checks(False):  # the data was validated once in prepare_data
             while self.epoch < self.config.epochs:
                 self.history.append(self._epoch())
@@ -187,24 +193,29 @@ class Trainer:
         t_window = t0
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{c.epochs}", disable=not c.progress, leave=False)
         for i in range(self.steps_per_epoch):
-            index = perm[i * c.batch_size:(i + 1) * c.batch_size]
-            batch = self.data[index]
-            condition = {"labels": self.labels[index]} if self.labels is not None else {}
+            rows = perm[i * c.batch_size:(i + 1) * c.batch_size]
+            condition = {"labels": self.labels[rows]} if self.labels is not None else {}
             if custom_step is not None:
-                terms = custom_step(batch, self.optimizer, beta=self.beta_at(self.step), **condition)
+                terms = custom_step(self.data[rows], self.optimizer, beta=self.beta_at(self.step), **condition)
             else:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.amp):
-                    terms = model.loss_terms(batch, beta=self.beta_at(self.step), reduction="sum", **condition)
+                    if self.shard is None:
+                        terms = model.loss_terms(self.data[rows], beta=self.beta_at(self.step), reduction="sum", **condition)
+                        objective = terms.loss
+                    else:
+                        terms, objective = self.shard.loss_terms(self.data, rows, self.beta_at(self.step))
                 self.optimizer.zero_grad(set_to_none=True)
-                terms.loss.backward()
+                objective.backward()
             if c.check_finite and not bool(torch.isfinite(terms.loss)):
                 raise FloatingPointError(f"the loss became {terms.loss.item()} at step {self.step} (epoch {self.epoch + 1}); lower lr, check the data, or resume from the last checkpoint")
             if custom_step is None:
                 self.optimizer.step()
             window += torch.stack([terms.loss.detach(), terms.recon, terms.kl]).to(torch.float64)
             self.step += 1
-            window_seen += batch.shape[0]
+            window_seen += rows.numel()
             if self.step % c.log_every == 0 or i == self.steps_per_epoch - 1:
+                if self.shard is not None:
+                    self.shard.all_reduce(window)
                 sums += window
                 values = (window / window_seen).tolist()
                 now = time.perf_counter()
@@ -225,6 +236,22 @@ class Trainer:
         if self.out_dir is not None:
             with open(self.out_dir / METRICS, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop records past the step training restarts from: written by a run killed after its last checkpoint."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def _adam(params, lr: float, device: torch.device) -> torch.optim.Adam:

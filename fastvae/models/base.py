@@ -66,10 +66,15 @@ class LatentModel(nn.Module):
         per_sample = math.prod(x.shape[1:]) if x.dim() > 1 else x.numel()
         if x.dim() == 0 or per_sample != self.input_dim:
             raise ValueError(f"x must be a batch (B, ...) with input_dim={self.input_dim} features per sample, got shape {tuple(x.shape)}")
+        weight = next(self.parameters())
+        if x.device != weight.device:
+            raise ValueError(f"x is on {x.device} but the model's parameters are on {weight.device}; move x with x.to({str(weight.device)!r})")
         x = x.reshape(-1, self.input_dim)
         if x.dtype == torch.uint8:
-            return x.to(self.dtype) / 255.0
+            return x.to(weight.dtype) / 255.0
         _checks.floating("x", x)
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x is {x.dtype} but the model's parameters are {weight.dtype}; convert x with x.to({weight.dtype}) (or the model with model.to({x.dtype}))")
         return x
 
     @property

@@ -83,8 +83,11 @@ def _check(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torc
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not (x.is_floating_point() or x.dtype == torch.uint8):
         raise TypeError(f"x (targets) must be floating point or uint8 (read as x/255), got {x.dtype}")
-    _checks.latent_pair(mu, logvar)
+    for name, t in (("mu", mu), ("logvar", logvar)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     _checks.same_device(logits=logits, x=x, mu=mu, logvar=logvar)
+    _checks.latent_pair(mu, logvar)
     if logits.dim() != 2:
         raise ValueError(f"logits must be (batch, features), got shape {tuple(logits.shape)}")
     if x.shape != logits.shape:
@@ -117,7 +120,7 @@ def loss_terms(
 ) -> LossTerms:
     """(loss, recon, kl) with loss = recon + beta * kl; only ``loss`` carries gradients."""
     x = _check(logits, x, mu, logvar, likelihood, reduction)
-    beta = float(beta)
+    beta = _checks.beta(beta)
     name, impl = backends.pick(OP, backend, logits, x, mu, logvar)
 
     def eager() -> LossTerms:
@@ -153,6 +156,7 @@ def vae_loss(x_hat: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: tor
     """
     _checks.floating("x_hat", x_hat)
     _checks.latent_pair(mu, logvar)
+    beta = _checks.beta(beta)
     if x.numel() != x_hat.numel():
         raise ValueError(f"x must have as many elements as x_hat {tuple(x_hat.shape)}, got {tuple(x.shape)}")
     target = target_values(x, x_hat).to(x_hat.dtype).reshape(x_hat.shape)
