@@ -144,11 +144,9 @@ def _run(args: argparse.Namespace) -> int:
 
         model = _load_model(args.checkpoint)
         if args.label is not None and not model.conditional:
-            print(f"fastvae sample: error: --label needs a conditional model (cvae); {args.checkpoint} holds {model.name}", file=sys.stderr)
-            return 2
+            raise ValueError(f"--label needs a conditional model (cvae); {args.checkpoint} holds {model.name}")
         if args.label is not None and args.label >= model.num_classes:
-            print(f"fastvae sample: error: --label must be below the model's num_classes ({model.num_classes}), got {args.label}", file=sys.stderr)
-            return 2
+            raise ValueError(f"--label must be below the model's num_classes ({model.num_classes}), got {args.label}")
         condition = {"labels": args.label} if model.conditional else {}
         pixels = model.sample(args.n, seed=args.seed, out_dtype=torch.uint8, **condition)
         plots.write_png(plots.grid(pixels, _side(model.input_dim)), args.out)
