@@ -1,5 +1,5 @@
 """fastvae: fused-kernel training engine for Variational Autoencoders."""
-from . import functional, ops, reference
+from . import functional, models, ops, reference
 from . import data
 from ._checks import value_checks
 from .accelerate import accelerate
@@ -12,5 +12,5 @@ from .trainer import TrainConfig, Trainer
 
 __version__ = "0.1.0"
 
-__all__ = ["TrainConfig", "Trainer", "VAE", "MLPDecoder", "MLPEncoder", "train", "backends", "functional", "reference", "value_checks", "__version__",
+__all__ = ["TrainConfig", "Trainer", "VAE", "MLPDecoder", "MLPEncoder", "train", "backends", "functional", "models", "reference", "value_checks", "__version__",
            "accelerate", "evaluate", "interpolate", "iwae_loss", "latent_map", "score"]

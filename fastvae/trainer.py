@@ -96,15 +96,32 @@ def prepare_data(images: torch.Tensor, input_dim: int, likelihood: str) -> torch
     return flat
 
 
+def prepare_labels(model: nn.Module, labels: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """Check the labels against the model (``model.conditional``) and the data set, once."""
+    conditional = getattr(model, "conditional", False)
+    if labels is None:
+        if conditional:
+            raise ValueError(f"{type(model).__name__} is conditional: pass labels=... (one per image) to the Trainer")
+        return None
+    if not conditional:
+        raise ValueError(f"labels were given but {type(model).__name__} is not conditional; drop them or use fastvae.models.ConditionalVAE")
+    model.condition(labels, n)  # validates dtype, shape and range
+    return labels
+
+
 class Trainer:
-    """Trains a ``fastvae.VAE`` on a dataset held as one tensor on the training device.
+    """Trains a ``fastvae.VAE`` (or a fastvae.models variant) on a dataset held as one tensor on the training device.
 
     images: (N, ...) uint8 pixels (read as x/255) or floats; out_dir: where checkpoint.pt,
-    metrics.jsonl and the PNGs go (None: nothing is written).
+    metrics.jsonl and the PNGs go (None: nothing is written). labels: one per image, for
+    conditional models (``model.conditional``), gathered with the same shuffled index.
+    A model with its own ``training_step(batch, optimizer, beta=...)`` (the AAE) makes its updates itself
+    with the optimizer its ``make_optimizer(lr)`` returns.
     """
 
     def __init__(self, model: nn.Module, images: torch.Tensor, config: TrainConfig | None = None, *,
-                 device: str | torch.device | None = "auto", out_dir: str | os.PathLike | None = None) -> None:
+                 device: str | torch.device | None = "auto", out_dir: str | os.PathLike | None = None,
+                 labels: torch.Tensor | None = None) -> None:
         self.config = config or TrainConfig()
         self.config.validate()
         self.device = resolve_device(device)
@@ -112,14 +129,23 @@ class Trainer:
             raise ValueError("amp=True (bf16 autocast) needs a CUDA device; drop --amp or use device='cuda'")
         self.model = model.to(self.device)
         self.data = prepare_data(images, model.input_dim, model.likelihood).to(self.device)
+        labels = prepare_labels(model, labels, self.data.shape[0])
+        self.labels = labels.to(self.device) if labels is not None else None
+        if self.config.amp and hasattr(model, "training_step"):
+            raise ValueError(f"amp=True is not supported for {type(model).__name__}, which makes its own updates (training_step); drop --amp")
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.optimizer = _adam(self.model.parameters(), self.config.lr, self.device)
+        make_optimizer = getattr(model, "make_optimizer", None)  # models with their own training_step (AAE)
+        self.optimizer = make_optimizer(self.config.lr) if make_optimizer else _adam(self.model.parameters(), self.config.lr, self.device)
         self.generator = torch.Generator(device=self.device)
         if self.config.seed is not None:
             torch.manual_seed(self.config.seed)
             self.generator.manual_seed(self.config.seed)
         if self.config.objective == "iwae" and distributed.active():
             raise ValueError("objective='iwae' is not supported in multi-process training yet; use objective='elbo' or one process")
+        if self.config.objective == "iwae" and getattr(model, "conditional", False):
+            raise ValueError("objective='iwae' supports unconditional models only; use objective='elbo' for a conditional VAE")
+        if distributed.active() and getattr(model, "name", "vae") != "vae":
+            raise ValueError(f"multi-process training supports fastvae.VAE only, not {type(model).__name__}; run this model in one process")
         self.shard = distributed.Sharded(self.model, self.device, self.generator) if distributed.active() else None
         if not distributed.is_main():
             self.out_dir = None  # checkpoints and metrics come from rank 0 only
@@ -175,6 +201,7 @@ class Trainer:
 
         c, n = self.config, self.data.shape[0]
         model = self.model.train()
+        custom_step = getattr(model, "training_step", None)  # models that make their own updates (AAE)
         perm = torch.randperm(n, device=self.device, generator=self.generator)
         sums = torch.zeros(3, device=self.device, dtype=torch.float64)
         window = torch.zeros(3, device=self.device, dtype=torch.float64)
@@ -183,18 +210,19 @@ class Trainer:
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{c.epochs}", disable=not c.progress, leave=False)
         for i in range(self.steps_per_epoch):
             rows = perm[i * c.batch_size:(i + 1) * c.batch_size]
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.amp):
-                if self.shard is None:
-                    terms = (iwae_terms(model, self.data[rows], c.k, beta=self.beta_at(self.step)) if c.objective == "iwae"
-                             else model.loss_terms(self.data[rows], beta=self.beta_at(self.step), reduction="sum"))
-                    objective = terms.loss
-                else:
-                    terms, objective = self.shard.loss_terms(self.data, rows, self.beta_at(self.step))
-            self.optimizer.zero_grad(set_to_none=True)
-            objective.backward()
+            condition = {"labels": self.labels[rows]} if self.labels is not None else {}
+            beta = self.beta_at(self.step)
+            if custom_step is not None:
+                terms = custom_step(self.data[rows], self.optimizer, beta=beta, **condition)
+            else:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.amp):
+                    terms, objective = self._objective(rows, beta, condition)
+                self.optimizer.zero_grad(set_to_none=True)
+                objective.backward()
             if c.check_finite and not bool(torch.isfinite(terms.loss)):
                 raise FloatingPointError(f"the loss became {terms.loss.item()} at step {self.step} (epoch {self.epoch + 1}); lower lr, check the data, or resume from the last checkpoint")
-            self.optimizer.step()
+            if custom_step is None:
+                self.optimizer.step()
             window += torch.stack([terms.loss.detach(), terms.recon, terms.kl]).to(torch.float64)
             self.step += 1
             window_seen += rows.numel()
@@ -216,6 +244,17 @@ class Trainer:
         record = {"epoch": self.epoch + 1, "loss": loss, "recon": recon, "kl": kl, "seconds": seconds, "samples_per_s": seen / seconds}
         self._log({"event": "epoch", "step": self.step, **record})
         return record
+
+    def _objective(self, rows: torch.Tensor, beta: float, condition: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
+        """(terms for the metrics, the tensor to differentiate) for the batch `rows` of the data."""
+        if self.shard is not None:
+            return self.shard.loss_terms(self.data, rows, beta)
+        batch = self.data[rows]
+        if self.config.objective == "iwae":
+            terms = iwae_terms(self.model, batch, self.config.k, beta=beta)
+        else:
+            terms = self.model.loss_terms(batch, beta=beta, reduction="sum", **condition)
+        return terms, terms.loss
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.out_dir is not None:
