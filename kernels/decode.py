@@ -19,7 +19,7 @@ import triton.language as tl
 from ._common import acc_dtype, normal_at, pick
 
 MAX_FUSED_LATENT = 256  # the one-kernel path keeps a BLOCK_M x latent tile of z in registers
-NUM_WARPS = 8  # 64 x 128 float32 tiles: with 4 warps ptxas spills (scripts/check_triton_compile.py)
+NUM_WARPS = 8  # 64 x 128 float32 tiles: with 4 warps ptxas spills (.ci/check_triton_compile.py)
 
 
 @triton.jit

@@ -2,7 +2,7 @@
 
 The interpreter accepts shapes and ops a GPU refuses; this runs Triton's full pipeline down to
 a cubin (no driver needed) and prints registers and spills from ptxas. Run without
-TRITON_INTERPRET:  python scripts/check_triton_compile.py [--quick]
+TRITON_INTERPRET:  python .ci/check_triton_compile.py [--quick]
 """
 from __future__ import annotations
 
