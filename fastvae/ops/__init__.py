@@ -3,3 +3,11 @@
 Accelerated implementations register with ``fastvae.backends`` here, lazily: importing
 fastvae compiles and launches nothing.
 """
+from functools import partial
+
+from .. import backends
+from .._extension import load_ops
+
+for _op in ("reparam", "loss", "decode"):
+    backends.register(_op, "cpp", partial(load_ops, _op, "cpu"))
+    backends.register(_op, "cuda", partial(load_ops, _op, "cuda"))
