@@ -16,6 +16,14 @@ struct LossArgs {
 
 namespace FASTVAE_ISA {
 
+// log1p(e) for e in [0, 1] (and NaN) with one log: log(u) * e / (u - 1), u = 1 + e, exact where
+// u rounds to 1 (Goldberg's correction); cheaper than Sleef's log1p.
+template <typename T>
+inline Vec<T> log1p_unit(const Vec<T>& e) {
+  const Vec<T> u = Vec<T>(1) + e, d = u - Vec<T>(1);
+  return Vec<T>::blendv(u.log() * e / d, e, d == Vec<T>(0));
+}
+
 template <typename T>
 T recon_row(const T* l, const T* x, int64_t n, bool gaussian, T* grad) {
   constexpr int64_t W = Vec<T>::size();
@@ -30,9 +38,9 @@ T recon_row(const T* l, const T* x, int64_t n, bool gaussian, T* grad) {
       term = d * d;
       g = d * Vec<T>(2);
     } else {
-      const Vec<T> e = (zero - lv.abs()).exp();
-      term = (one - xv) * lv - at::vec::minimum(lv, zero) + e.log1p();
-      g = sigmoid_from(lv, e) - xv;
+      const Vec<T> e = (zero - lv.abs()).exp_u20(), nan = lv != lv;  // exp_u20 maps NaN to a number
+      term = (one - xv) * lv - at::vec::minimum(lv, zero) + log1p_unit(e);
+      g = Vec<T>::blendv(sigmoid_from(lv, e) - xv, lv, nan);
     }
     acc = acc + (c == W ? term : Vec<T>::set(zero, term, c));  // padded lanes would add log 2
     if (grad != nullptr) store(g, grad + j, c);
