@@ -16,14 +16,6 @@ struct LossArgs {
 
 namespace FASTVAE_ISA {
 
-// log1p(e) for e in [0, 1] (and NaN) with one log: log(u) * e / (u - 1), u = 1 + e, exact where
-// u rounds to 1 (Goldberg's correction); cheaper than Sleef's log1p.
-template <typename T>
-inline Vec<T> log1p_unit(const Vec<T>& e) {
-  const Vec<T> u = Vec<T>(1) + e, d = u - Vec<T>(1);
-  return Vec<T>::blendv(u.log() * e / d, e, d == Vec<T>(0));
-}
-
 template <typename T>
 T recon_row(const T* l, const T* x, int64_t n, bool gaussian, T* grad) {
   constexpr int64_t W = Vec<T>::size();
@@ -38,9 +30,12 @@ T recon_row(const T* l, const T* x, int64_t n, bool gaussian, T* grad) {
       term = d * d;
       g = d * Vec<T>(2);
     } else {
-      const Vec<T> e = (zero - lv.abs()).exp_u20(), nan = lv != lv;  // exp_u20 maps NaN to a number
-      term = (one - xv) * lv - at::vec::minimum(lv, zero) + log1p_unit(e);
-      g = Vec<T>::blendv(sigmoid_from(lv, e) - xv, lv, nan);
+      // e = exp(-|l|) in [0, 1]; u = 1 + e serves both log1p(e) = log(u) - (u - 1 - e) / u (one log,
+      // exact where u rounds to 1) and sigmoid(l) = 1 / u or e / u. exp_u20 maps NaN to a number:
+      // the gradient takes NaN back from l.
+      const Vec<T> e = (zero - lv.abs()).exp_u20(), u = one + e, inv = one / u;
+      term = (one - xv) * lv - at::vec::minimum(lv, zero) + (u.log() - (u - one - e) * inv);
+      g = Vec<T>::blendv(Vec<T>::blendv(e * inv, inv, lv >= zero) - xv, lv, lv != lv);
     }
     acc = acc + (c == W ? term : Vec<T>::set(zero, term, c));  // padded lanes would add log 2
     if (grad != nullptr) store(g, grad + j, c);
