@@ -38,8 +38,9 @@ def _import() -> ModuleType:
     try:
         return importlib.import_module("fastvae._C")
     except ImportError:
-        cuda = torch.cuda.is_available() and torch.utils.cpp_extension.CUDA_HOME is not None
-        return _jit_build(cuda)
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        return _jit_build(torch.cuda.is_available() and CUDA_HOME is not None)
 
 
 def library() -> ModuleType:
@@ -48,8 +49,6 @@ def library() -> ModuleType:
         raise _state["error"]
     if "module" not in _state:
         try:
-            import torch.utils.cpp_extension  # noqa: F401  (CUDA_HOME)
-
             module = _import()
             _register_fakes()
         except Exception as exc:  # noqa: BLE001 - remembered; becomes the backend's "unavailable" reason
