@@ -12,7 +12,7 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CPU_SOURCES = ("ops.cpp", "checks.cpp", "cpu/reparam.cpp", "cpu/loss.cpp", "cpu/decode.cpp", "cpu/avx2.cpp")
 CUDA_SOURCES = ("cuda/reparam.cu", "cuda/loss.cu", "cuda/decode.cu",
                 "cuda/reparam_glue.cpp", "cuda/loss_glue.cpp", "cuda/decode_glue.cpp")
-CXX_FLAGS = ["-O3"]
+CXX_FLAGS = ["-O3", "-Wno-psabi"]  # psabi: a GCC note about 32-byte vector arguments
 NVCC_FLAGS = ["-O3"]  # no --use_fast_math: NaN/Inf must behave as in torch
 
 

@@ -3,7 +3,6 @@
 // Listed last in the sources so that the linker keeps the baseline copies of shared inline code.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #pragma GCC target("avx2,fma")
-#pragma GCC diagnostic ignored "-Wpsabi"  // a note about a GCC 4.6 ABI change for __m256 arguments
 // The pragma does not define the ISA macros that sleef.h and ATen's headers test: set them (as
 // -mavx2 -mfma would) for this translation unit only.
 #define __AVX__ 1
