@@ -52,6 +52,7 @@ def test_log_weights_match_float64_hand_computation(likelihood, k, b):
 
 def test_iwae_loss_value_and_gradients_match_float64():
     model = small_model(dtype=torch.float64)
+    model.backend = "torch"  # bit-for-bit eps: the fused kernels draw the same stream to float32 rounding only
     x = torch.rand(6, 37, dtype=torch.float64)
     loss = fastvae.iwae_loss(model, x, 4, seed=5)
     loss.backward()
