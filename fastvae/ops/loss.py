@@ -62,15 +62,20 @@ class _FusedLoss(torch.autograd.Function):
     def forward(ctx, impl, logits, x, mu, logvar, beta, likelihood):  # type: ignore[override]
         need_grad = any(ctx.needs_input_grad[i] for i in (1, 3, 4))
         recon, kl, g_logits, g_mu, g_logvar = impl.loss_forward(logits, x, mu, logvar, beta, likelihood, need_grad)
-        ctx.save_for_backward(g_logits, g_mu, g_logvar)
+        # The gradients are intermediates owned by this node: kept as attributes (not saved tensors) so that
+        # backward scales them in place instead of allocating another logits-sized tensor.
+        ctx.grads = (g_logits, g_mu, g_logvar)
         ctx.mark_non_differentiable(recon, kl)
         return recon + beta * kl, recon, kl
 
     @staticmethod
     def backward(ctx, grad_rows, _grad_recon, _grad_kl):  # type: ignore[override]
-        g_logits, g_mu, g_logvar = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("the fused loss's backward ran twice (retain_graph=True); use backend='torch' for double backward")
+        grads, ctx.grads = ctx.grads, None
         g = grad_rows.unsqueeze(-1)
-        return (None, (g_logits * g).to(g_logits.dtype), None, (g_mu * g).to(g_mu.dtype), (g_logvar * g).to(g_logvar.dtype), None, None)
+        g_logits, g_mu, g_logvar = (t.mul_(g) for t in grads)
+        return None, g_logits, None, g_mu, g_logvar, None, None
 
 
 def _check(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, likelihood: str, reduction: str) -> torch.Tensor:

@@ -2,7 +2,7 @@
 # Compile-only check of the CUDA kernels on a machine without a GPU: builds the whole extension
 # (CPU + CUDA sources, as setup.py would with nvcc) against torch's CUDA build in its own venv,
 # then checks that the ops have CUDA kernels registered. Nothing runs on a GPU.
-#   csrc/check_cuda_compile.sh            # venv at $CUVENV (default /tmp/cuvenv), made if missing
+#   .ci/check_cuda_compile.sh            # venv at $CUVENV (default /tmp/cuvenv), made if missing
 # Needs nvcc at $CUDA_HOME (default /usr/local/cuda). About 1 min for the venv (local wheel), then
 # the build.
 set -euo pipefail
