@@ -60,15 +60,16 @@ def test_sigkill_at_random_moments_and_between_write_and_rename_then_resume_is_b
         _kill(proc)
     # deterministically after the new checkpoint is written and fsynced, before its rename (test hook pauses there)
     before = checkpoint.load(out / "checkpoint.pt")["epoch"]
+    old = set(out.glob(".checkpoint.pt.*.tmp"))  # the random kill may itself have left one, complete or not
     proc = _start(out, **{checkpoint.TEST_PAUSE_ENV: "0.5"})
     deadline = time.monotonic() + 60
-    while not any(p.stat().st_size > 0 for p in out.glob(".checkpoint.pt.*.tmp")):
+    while not any(p.stat().st_size > 0 for p in set(out.glob(".checkpoint.pt.*.tmp")) - old):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.005)
     time.sleep(0.1)  # well inside the 0.5 s pause
     _kill(proc)
     assert checkpoint.load(out / "checkpoint.pt")["epoch"] == before  # the last good checkpoint is intact
-    (stale,) = out.glob(".checkpoint.pt.*.tmp")
+    (stale,) = set(out.glob(".checkpoint.pt.*.tmp")) - old
     assert checkpoint.load(stale)["epoch"] == before + 1  # the killed one was complete, just not renamed
     proc = _start(out)
     assert proc.stdout.readline().startswith("ready") and proc.wait(timeout=120) == 0
