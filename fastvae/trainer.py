@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _checks, checkpoint
+from . import _checks, checkpoint, graphs
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -35,6 +35,8 @@ class TrainConfig:
     warmup_unit: str = "steps"  # "steps" or "epochs"
     seed: int | None = 0
     amp: bool = False  # bf16 autocast (CUDA only)
+    tf32: bool = False  # TF32 matmuls (CUDA only)
+    cuda_graph: bool | None = None  # replay the step as a CUDA graph (None: on for CUDA); see fastvae.graphs
     log_every: int = 50  # steps between reads of the running loss (host syncs)
     progress: bool = True
     check_finite: bool = False  # raise, naming the step, as soon as the loss is NaN/Inf (one sync per step)
@@ -98,6 +100,8 @@ class Trainer:
         self.device = resolve_device(device)
         if self.config.amp and self.device.type != "cuda":
             raise ValueError("amp=True (bf16 autocast) needs a CUDA device; drop --amp or use device='cuda'")
+        if self.config.tf32 and self.device.type != "cuda":
+            raise ValueError("tf32=True needs a CUDA device; drop it or use device='cuda'")
         self.model = model.to(self.device)
         self.data = prepare_data(images, model.input_dim, model.likelihood).to(self.device)
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -109,6 +113,7 @@ class Trainer:
         self.epoch = 0
         self.step = 0
         self.history: list[dict[str, float]] = []
+        self._graph: graphs.GraphStep | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -144,7 +149,8 @@ class Trainer:
         """Train up to config.epochs; returns one dict per epoch (loss, recon, kl per sample, seconds)."""
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        with _checks.value_checks(False):  # the data was validated once in prepare_data
+        self._graph = graphs.engine(self)
+        with _checks.value_checks(False), graphs.tf32(self.config.tf32):  # the data was validated once in prepare_data
             while self.epoch < self.config.epochs:
                 self.history.append(self._epoch())
                 self.epoch += 1
@@ -164,17 +170,22 @@ class Trainer:
         t_window = t0
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{c.epochs}", disable=not c.progress, leave=False)
         for i in range(self.steps_per_epoch):
-            batch = self.data[perm[i * c.batch_size:(i + 1) * c.batch_size]]
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.amp):
-                terms = model.loss_terms(batch, beta=self.beta_at(self.step), reduction="sum")
-            self.optimizer.zero_grad(set_to_none=True)
-            terms.loss.backward()
-            if c.check_finite and not bool(torch.isfinite(terms.loss)):
-                raise FloatingPointError(f"the loss became {terms.loss.item()} at step {self.step} (epoch {self.epoch + 1}); lower lr, check the data, or resume from the last checkpoint")
-            self.optimizer.step()
-            window += torch.stack([terms.loss.detach(), terms.recon, terms.kl]).to(torch.float64)
+            idx = perm[i * c.batch_size:(i + 1) * c.batch_size]
+            if self._graph is not None:
+                stats = self._graph.step(idx)  # checked after the update: the graph has no host branch
+            else:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.amp):
+                    terms = model.loss_terms(self.data[idx], beta=self.beta_at(self.step), reduction="sum")
+                self.optimizer.zero_grad(set_to_none=True)
+                terms.loss.backward()
+                stats = torch.stack([terms.loss.detach(), terms.recon, terms.kl])
+            if c.check_finite and not bool(torch.isfinite(stats[0])):
+                raise FloatingPointError(f"the loss became {stats[0].item()} at step {self.step} (epoch {self.epoch + 1}); lower lr, check the data, or resume from the last checkpoint")
+            if self._graph is None:
+                self.optimizer.step()
+            window += stats.to(torch.float64)
             self.step += 1
-            window_seen += batch.shape[0]
+            window_seen += idx.shape[0]
             if self.step % c.log_every == 0 or i == self.steps_per_epoch - 1:
                 sums += window
                 values = (window / window_seen).tolist()
