@@ -93,7 +93,7 @@ class GraphStep:
         t, c = self.trainer, self.trainer.config
         batch = t.data[idx]
         beta = warmup_beta(self.step_t, c.beta, self.length) if self.length else c.beta
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=c.amp):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=c.amp, cache_enabled=False):  # no cast cache across a capture
             terms = t.model.loss_terms(batch, beta=beta, reduction="sum")
         terms.loss.backward()
         t.optimizer.step()
