@@ -24,6 +24,11 @@ def latest_per_device(runs: list[dict]) -> list[dict]:
     return list(by_device.values())
 
 
+def label(backend: str) -> str:
+    """Baselines by name, fastvae's backends as fastvae[name]."""
+    return backend if backend in BASELINES else f"fastvae[{backend}]"
+
+
 def _fmt_ms(ms: float) -> str:
     return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
 
@@ -36,7 +41,7 @@ def ops_table(run: dict) -> str:
             continue
         rows.setdefault((r["name"], tuple(r["shape"]), r["dtype"]), {})[r["backend"]] = r
     impls = [*BASELINES, *sorted({b for cells in rows.values() for b in cells} - set(BASELINES))]
-    head = "| op | shape | dtype | " + " | ".join(f"{b} ms (GB/s)" for b in impls) + " | eager / best fastvae |"
+    head = "| op | shape | dtype | " + " | ".join(f"{label(b)} ms (GB/s)" for b in impls) + " | eager / best fastvae |"
     lines = [head, "|" + " --- |" * (len(impls) + 4)]
     for (name, shape, dtype), cells in rows.items():
         vals = [f"{_fmt_ms(cells[b]['median_ms'])} ({cells[b]['gbps']:.3g})" if b in cells else "-" for b in impls]
@@ -99,7 +104,7 @@ def chart(runs: list[dict], out: str | Path) -> Path:
         for j, impl in enumerate(impls):
             ms = {(r["name"], tuple(r["shape"]), r["dtype"]): r["median_ms"] for r in run["results"] if r["backend"] == impl}
             xs = [i + j * width for i, k in enumerate(keys) if k in ms]
-            ax.bar(xs, [eager[k] / ms[k] for k in keys if k in ms], width, label=impl)
+            ax.bar(xs, [eager[k] / ms[k] for k in keys if k in ms], width, label=label(impl))
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_yscale("log")
         ax.set_ylabel("speed-up over eager")

@@ -89,6 +89,10 @@ def run_ops(preset: str, dev: torch.device, compile_: bool, extra: list[str]) ->
     return records
 
 
+def _key(record: dict) -> tuple:
+    return record["name"], record["backend"], tuple(record["shape"]), record["dtype"]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="results file (default benchmarks/results/<device>-<date>.json)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--parts", default="ops,reference", help="comma-separated: ops, reference")
-    p.add_argument("--merge", action="store_true", help="keep the records of parts not run from an existing --out file")
+    p.add_argument("--merge", action="store_true", help="keep the records of an existing --out file that this run does not replace")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     p.add_argument("--epochs", type=int, default=None, help="reference run epochs (default 10; smoke/quick 1)")
     p.add_argument("--samples", type=int, default=None, help="reference run: first N training images (default all)")
@@ -116,9 +120,6 @@ def main(argv: list[str] | None = None) -> int:
 
     doc = meta(dev, argv)
     results: list[dict] = []
-    if args.merge and out.exists():
-        old = json.loads(out.read_text())["results"]
-        results = [r for r in old if ("reference" if r["name"] == "reference_run" else "ops") not in parts]
     if "ops" in parts:
         results += run_ops(preset, dev, not (args.no_compile or preset == "smoke"), shlex.split(args.pytest_args))
     if "reference" in parts:
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"reference_run {v}: {rec['seconds']:.1f} s, final loss {rec['final_loss']:.2f}", flush=True)
             results.append(rec)
     doc["load_avg_end"] = os.getloadavg()[0]
+    if args.merge and out.exists():
+        new = {_key(r) for r in results}
+        results = [r for r in json.loads(out.read_text())["results"] if _key(r) not in new] + results
     doc["results"] = results
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
