@@ -107,3 +107,20 @@ def test_reparam_in_a_graph_draws_new_eps_per_replay(backend):
     graph.replay()
     assert not torch.equal(first, z)
     assert torch.isfinite(z).all()
+
+
+def test_graph_step_body_trains_like_the_eager_loop(monkeypatch):
+    """The captured body (device warm-up weight, stats buffer, step counter), run eagerly on CPU."""
+    _, eager = _history(False, "cpu")
+
+    def forced(trainer):
+        step = graphs.GraphStep(trainer)
+        step.failed = True  # every step through the body, eagerly
+        return step
+
+    monkeypatch.setattr(graphs, "engine", forced)
+    trainer, body = _history(False, "cpu")
+    assert trainer._graph.step_t.item() == trainer.step
+    for b, e in zip(body, eager):
+        for key in ("loss", "recon", "kl"):
+            assert b[key] == pytest.approx(e[key], rel=1e-5)
