@@ -117,6 +117,8 @@ def test_op(benchmark, case, impl):
         common.sync(DEV)
 
     timed()  # warm-up: compiles, autotunes, loads extensions
+    for t in leaves:
+        t.grad = None  # so that the gradients count in the peak
     peak = common.peak_mem_mb(timed, DEV)
     benchmark.extra_info.update({
         "op": op, "pass": "fwd_bwd" if backward else "fwd", "backend": impl, "shape": list(shape),
