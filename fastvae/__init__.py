@@ -1,12 +1,16 @@
 """fastvae: fused-kernel training engine for Variational Autoencoders."""
-from . import functional, ops, reference
+from . import functional, models, ops, reference
 from . import data
 from ._checks import value_checks
+from .accelerate import accelerate
+from .apps import interpolate, latent_map, score
 from .backends import backends
+from .iwae import evaluate, iwae_loss
 from .model import VAE, MLPDecoder, MLPEncoder
 from .runner import train
 from .trainer import TrainConfig, Trainer
 
 __version__ = "0.1.0"
 
-__all__ = ["TrainConfig", "Trainer", "VAE", "MLPDecoder", "MLPEncoder", "train", "backends", "functional", "reference", "value_checks", "__version__"]
+__all__ = ["TrainConfig", "Trainer", "VAE", "MLPDecoder", "MLPEncoder", "train", "backends", "functional", "models", "reference", "value_checks", "__version__",
+           "accelerate", "evaluate", "interpolate", "iwae_loss", "latent_map", "score"]

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import os
 from typing import Iterator
 
@@ -38,7 +40,7 @@ def floating(name: str, t: object) -> torch.Tensor:
 
 
 def finite(name: str, t: torch.Tensor) -> None:
-    if values_checked() and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if values_checked() and t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf; check the data and the learning rate (finite values are required)")
 
 
@@ -63,8 +65,17 @@ def latent_pair(mu: torch.Tensor, logvar: torch.Tensor) -> None:
     same_device(mu=mu, logvar=logvar)
     finite("mu", mu)
     finite("logvar", logvar)
-    if values_checked() and logvar.numel() and float(logvar.detach().max()) > MAX_LOGVAR:
+    if values_checked() and logvar.numel() and logvar.device.type != "meta" and float(logvar.detach().max()) > MAX_LOGVAR:
         raise ValueError(f"logvar has values above {MAX_LOGVAR}: exp(logvar) overflows float32; the encoder has diverged (lower the learning rate) or logvar is not a log-variance")
+
+
+def beta(value: object) -> float:
+    """The KL weight as a float: a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"beta (the KL weight) must be a number >= 0, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"beta (the KL weight) must be a finite number >= 0, got {value!r}; use 1.0 for the plain VAE")
+    return float(value)
 
 
 def reduction(value: str) -> str:

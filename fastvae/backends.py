@@ -26,6 +26,7 @@ _loaders: dict[tuple[str, str], Callable[[], Any]] = {}
 _loaded: dict[tuple[str, str], Any] = {}
 _errors: dict[tuple[str, str], str] = {}
 _warned: set[str] = set()
+_failed_at_run: set[tuple[str, str]] = set()  # already warned about by run_fused: "auto" skips them quietly
 
 
 class BackendUnavailable(RuntimeError):
@@ -109,7 +110,7 @@ def _auto(op: str, device_type: str, warn: bool = True) -> tuple[str, Any | None
         impl = load(op, cand)
         if impl is not None:
             return cand, impl
-        if (op, cand) in _loaders and warn:
+        if (op, cand) in _loaders and warn and (op, cand) not in _failed_at_run:
             if strict():
                 raise BackendUnavailable(f"FASTVAE_STRICT=1 and the {cand} backend for {op} failed to load: {_errors[(op, cand)]}")
             warn_once(f"load:{cand}", f"fastvae: the {cand} backend is unavailable ({_errors[(op, cand)]}); using PyTorch")
@@ -149,17 +150,20 @@ def pick(op: str, backend: str | None, *tensors: Any) -> tuple[str, Any | None]:
 
 
 def run_fused(op: str, name: str, fused: Callable[[], Any], fallback: Callable[[], Any]) -> Any:
-    """Run `fused`; if it raises (not a ValueError/TypeError about the input), warn once and run `fallback`."""
+    """Run `fused`; if it raises, warn once and run `fallback`, and let "auto" skip `name` for `op` from now on.
+
+    Inputs are validated before this runs, so any exception here (a TypeError from a binding
+    built for another interface included) is the kernel's failure, not the caller's.
+    """
     try:
         return fused()
-    except (ValueError, TypeError):
-        raise
     except Exception as exc:  # noqa: BLE001
         if strict():
             raise
         warn_once(f"run:{op}:{name}", f"fastvae: {name} kernel for {op} failed ({type(exc).__name__}: {exc}); using PyTorch from now on")
         _loaded.pop((op, name), None)
         _errors[(op, name)] = f"failed at run time: {type(exc).__name__}: {exc}"
+        _failed_at_run.add((op, name))
         return fallback()
 
 

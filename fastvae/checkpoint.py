@@ -8,12 +8,16 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 FORMAT = "fastvae-checkpoint-v1"
+# Test hook only: seconds to sleep between writing the temp file and renaming it, so that a test
+# can kill the process at exactly that moment (tests/test_crash_safety.py).
+TEST_PAUSE_ENV = "FASTVAE_TEST_PAUSE_BEFORE_RENAME"
 
 
 def save(state: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -26,6 +30,8 @@ def save(state: dict[str, Any], path: str | os.PathLike) -> Path:
             torch.save({"format": FORMAT, **state}, f)
             f.flush()
             os.fsync(f.fileno())
+        if os.environ.get(TEST_PAUSE_ENV):
+            time.sleep(float(os.environ[TEST_PAUSE_ENV]))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make checkpoints private
@@ -38,6 +44,8 @@ def save(state: dict[str, Any], path: str | os.PathLike) -> Path:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed before its rename
+        stale.unlink(missing_ok=True)
     return path
 
 

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from .backends import warn_once
+from .ops.loss import LossTerms
+from .schedules import CYCLE_RAMP
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -30,11 +32,16 @@ if TYPE_CHECKING:
 WARMUP_STEPS = 3
 
 
-def warmup_beta(step: torch.Tensor, beta: float, length: int) -> torch.Tensor:
-    """beta * min(1, step / length) on step's device (Trainer.beta_at as a tensor); length 0: beta."""
-    if length == 0:
+def warmup_beta(step: torch.Tensor, beta: float, length: int, schedule: str = "linear", cycles: int = 1) -> torch.Tensor:
+    """``schedules.kl_weight`` as a tensor on step's device (what Trainer.beta_at gives, read in the graph)."""
+    if length <= 0:
         return torch.full_like(step, beta)
-    return torch.clamp(step / length, max=1.0) * beta
+    if schedule == "linear":
+        ramp = step / length
+    else:
+        t = step * cycles / length
+        ramp = (t - torch.floor(t)) / CYCLE_RAMP
+    return torch.where(step >= length, beta, torch.clamp(ramp, max=1.0) * beta)
 
 
 def set_capturable(optimizer: torch.optim.Optimizer, flag: bool) -> None:
@@ -60,21 +67,36 @@ def tf32(enabled: bool) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
+def unsupported(trainer: Trainer) -> str | None:
+    """Why the training step of `trainer` is not captured, or None."""
+    c = trainer.config
+    if trainer.device.type != "cuda":
+        return f"it needs a CUDA device, not {trainer.device}"
+    if c.objective != "elbo":
+        return f"objective={c.objective!r} is not captured (only 'elbo')"
+    if trainer.labels is not None or hasattr(trainer.model, "training_step"):
+        return f"{type(trainer.model).__name__} (labels or its own training_step) is not captured"
+    if trainer.shard is not None:
+        return "distributed training is not captured"
+    return None
+
+
 def engine(trainer: Trainer) -> GraphStep | None:
-    """The graph engine if ``config.cuda_graph`` asks for it (None: on for CUDA) and it can run, else None."""
-    flag, cuda = trainer.config.cuda_graph, trainer.device.type == "cuda"
-    if flag and not cuda:
-        warn_once("graph:cpu", f"fastvae: cuda_graph=True needs a CUDA device, training on {trainer.device} eagerly")
-    use = cuda and flag is not False
-    set_capturable(trainer.optimizer, use)
-    return GraphStep(trainer) if use else None
+    """The graph engine if ``config.cuda_graph`` asks for it (None: on where supported) and it can run, else None."""
+    flag = trainer.config.cuda_graph
+    why = unsupported(trainer) if flag is not False else "cuda_graph=False"
+    if flag and why:
+        warn_once("graph:unsupported", f"fastvae: cuda_graph=True but {why}; training eagerly")
+    if not hasattr(trainer.model, "training_step"):
+        set_capturable(trainer.optimizer, why is None)
+    return GraphStep(trainer) if why is None else None
 
 
 class GraphStep:
     """Runs training steps of `trainer`: graph replays for full batches, eager otherwise.
 
-    ``step(idx)`` returns a (3,) device tensor (loss, recon, kl summed over the batch), overwritten
-    by the next step: consume it (in stream order) before calling again.
+    ``step(idx)`` returns LossTerms (loss, recon, kl summed over the batch, detached) viewing a device
+    buffer that the next step overwrites: consume them (in stream order) before calling again.
     """
 
     def __init__(self, trainer: Trainer) -> None:
@@ -92,7 +114,7 @@ class GraphStep:
     def _body(self, idx: torch.Tensor) -> None:
         t, c = self.trainer, self.trainer.config
         batch = t.data[idx]
-        beta = warmup_beta(self.step_t, c.beta, self.length) if self.length else c.beta
+        beta = warmup_beta(self.step_t, c.beta, self.length, c.warmup_schedule, c.cycles) if self.length else c.beta
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=c.amp, cache_enabled=False):  # no cast cache across a capture
             terms = t.model.loss_terms(batch, beta=beta, reduction="sum")
         terms.loss.backward()
@@ -100,10 +122,9 @@ class GraphStep:
         self.stats.copy_(torch.stack([terms.loss.detach(), terms.recon, terms.kl]))
         self.step_t += 1
 
-    def _eager(self, idx: torch.Tensor) -> torch.Tensor:
+    def _eager(self, idx: torch.Tensor) -> None:
         self.trainer.optimizer.zero_grad(set_to_none=True)
         self._body(idx)
-        return self.stats
 
     def _capture(self) -> bool:
         params = [p for g in self.trainer.optimizer.param_groups for p in g["params"]]
@@ -121,10 +142,15 @@ class GraphStep:
         self._grads = [p.grad for p in params]  # the graph's gradient buffers: keep them owned
         return True
 
-    def step(self, idx: torch.Tensor) -> torch.Tensor:
-        """One training step on the rows `idx` of the dataset."""
+    def step(self, idx: torch.Tensor) -> LossTerms:
+        """One training step (forward, backward, update) on the rows `idx` of the dataset."""
+        self._run(idx)
+        return LossTerms(*self.stats)
+
+    def _run(self, idx: torch.Tensor) -> None:
         if idx.shape[0] != self.idx.shape[0] or self.failed:
-            return self._eager(idx)
+            self._eager(idx)
+            return
         self.idx.copy_(idx)
         if self.graph is None:
             if self.warm < WARMUP_STEPS:
@@ -134,8 +160,8 @@ class GraphStep:
                 with torch.cuda.stream(side):
                     self._eager(self.idx)
                 torch.cuda.current_stream(self.trainer.device).wait_stream(side)
-                return self.stats
+                return
             if not self._capture():
-                return self._eager(self.idx)
+                self._eager(self.idx)
+                return
         self.graph.replay()
-        return self.stats

@@ -5,17 +5,13 @@ decoder.fc1 .. fc{N+1}), so state_dicts load both ways with the classic MNIST VA
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _checks
-from .ops.decode import decode_latents
-from .ops.loss import LIKELIHOODS, LossTerms, loss_terms
-from .ops.reparam import reparameterize
+from .models.base import LatentModel, check_settings
 
 
 class MLPEncoder(nn.Module):
@@ -59,12 +55,13 @@ class MLPDecoder(nn.Module):
         return layers[-1](h)
 
 
-class VAE(nn.Module):
+class VAE(LatentModel):
     """A VAE with MLP encoder and decoder; the defaults are the reference MNIST model.
 
     likelihood: "bernoulli" (data in [0, 1], BCE from logits, sigmoid output) or "gaussian"
     (any real data, squared-error reconstruction, identity output).
     backend: which kernels its ops use (None: FASTVAE_BACKEND or "auto"; see fastvae.backends()).
+    flatten, decode, forward, loss_terms, loss, sample and reconstruct come from LatentModel.
     """
 
     def __init__(
@@ -77,13 +74,7 @@ class VAE(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        _checks.positive_int("input_dim", input_dim)
-        _checks.positive_int("latent_dim", latent_dim)
-        hidden_dims = tuple(hidden_dims)
-        for h in hidden_dims:
-            _checks.positive_int("hidden_dims entries", h)
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        hidden_dims = check_settings(likelihood, hidden_dims, input_dim=input_dim, latent_dim=latent_dim)
         self.input_dim, self.hidden_dims, self.latent_dim = input_dim, hidden_dims, latent_dim
         self.likelihood, self.backend = likelihood, backend
         self.encoder = MLPEncoder(input_dim, hidden_dims, latent_dim)
@@ -93,55 +84,8 @@ class VAE(nn.Module):
         """The constructor arguments, as stored in checkpoints."""
         return {"input_dim": self.input_dim, "hidden_dims": list(self.hidden_dims), "latent_dim": self.latent_dim, "likelihood": self.likelihood}
 
-    def flatten(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, ...) with input_dim features per row -> (B, input_dim); uint8 pixels become x / 255."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        per_sample = math.prod(x.shape[1:]) if x.dim() > 1 else x.numel()
-        if x.dim() == 0 or per_sample != self.input_dim:
-            raise ValueError(f"x must be a batch (B, ...) with input_dim={self.input_dim} features per sample, got shape {tuple(x.shape)}")
-        x = x.reshape(-1, self.input_dim)
-        if x.dtype == torch.uint8:
-            return x.to(self.encoder.fc_mu.weight.dtype) / 255.0
-        _checks.floating("x", x)
-        return x
-
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encoder(self.flatten(x))
+    def posterior(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(flat)
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Probabilities (Bernoulli) or the mean (Gaussian)."""
-        out = self.decoder(z)
-        return torch.sigmoid(out) if self.likelihood == "bernoulli" else out
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x_hat, mu, logvar), as the reference returns them."""
-        mu, logvar = self.encode(x)
-        z = reparameterize(mu, logvar, backend=self.backend)
-        return self.decode(z), mu, logvar
-
-    def loss_terms(self, x: torch.Tensor, beta: float = 1.0, reduction: str = "sum") -> LossTerms:
-        """(loss, recon, kl) for a batch, from logits through the fused ops."""
-        flat = self.flatten(x)
-        mu, logvar = self.encoder(flat)
-        z = reparameterize(mu, logvar, backend=self.backend)
-        target = x.reshape(flat.shape) if x.dtype == torch.uint8 else flat
-        return loss_terms(self.decoder(z), target, mu, logvar, beta=beta, reduction=reduction, likelihood=self.likelihood, backend=self.backend)
-
-    def loss(self, x: torch.Tensor, beta: float = 1.0, reduction: str = "sum") -> torch.Tensor:
-        """Negative ELBO: reconstruction + beta * KL (reduction "sum", "mean" per sample, or "none")."""
-        return self.loss_terms(x, beta, reduction).loss
-
-    @torch.no_grad()
-    def sample(self, n: int, *, seed: int | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """n samples decoded from the prior: (n, input_dim) probabilities, or uint8 pixels."""
-        return decode_latents(self.decoder, n=n, latent_dim=self.latent_dim, seed=seed, out_dtype=out_dtype, backend=self.backend)
-
-    @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Decode the posterior mean of x: (B, input_dim)."""
-        mu, _ = self.encode(x)
-        return self.decode(mu)

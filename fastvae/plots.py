@@ -50,12 +50,13 @@ def to_pixels(values: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reconstruction_grid(model, images: torch.Tensor, image_shape: tuple[int, int], columns: int = 8) -> torch.Tensor:
-    """Rows of originals, each above the row of their reconstructions (posterior means)."""
+def reconstruction_grid(model, images: torch.Tensor, image_shape: tuple[int, int], columns: int = 8, **condition: torch.Tensor) -> torch.Tensor:
+    """Rows of originals, each above the row of their reconstructions (posterior means);
+    `condition` (labels=...) goes to a conditional model's reconstruct."""
     device = next(model.parameters()).device
     images = images.to(device)
     originals = to_pixels(images.reshape(images.shape[0], -1)).cpu()
-    recon = to_pixels(model.reconstruct(images)).cpu()
+    recon = to_pixels(model.reconstruct(images, **{k: v.to(device) for k, v in condition.items()})).cpu()
     rows = []
     for start in range(0, originals.shape[0], columns):
         pad = torch.zeros(max(0, columns - originals[start:start + columns].shape[0]), originals.shape[1], dtype=torch.uint8)

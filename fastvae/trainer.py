@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _checks, checkpoint, graphs
+from . import _checks, checkpoint, distributed, graphs
+from .iwae import iwae_terms
+from .schedules import SCHEDULES, kl_weight
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -33,6 +35,10 @@ class TrainConfig:
     beta: float = 1.0
     warmup: int = 0  # KL warm-up length: beta ramps linearly from 0 over this many steps or epochs
     warmup_unit: str = "steps"  # "steps" or "epochs"
+    warmup_schedule: str = "linear"  # "linear" or "cyclical" (see fastvae.schedules)
+    cycles: int = 4  # cyclical warm-up: number of cycles within the warm-up
+    objective: str = "elbo"  # "elbo" or "iwae" (importance-weighted bound with k samples per input)
+    k: int = 5  # samples per input for objective="iwae"
     seed: int | None = 0
     amp: bool = False  # bf16 autocast (CUDA only)
     tf32: bool = False  # TF32 matmuls (CUDA only)
@@ -46,6 +52,12 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "log_every"):
             _checks.positive_int(name, getattr(self, name))
         _checks.positive_int("warmup", self.warmup, minimum=0)
+        _checks.positive_int("cycles", self.cycles)
+        _checks.positive_int("k", self.k)
+        if self.warmup_schedule not in SCHEDULES:
+            raise ValueError(f"warmup_schedule must be one of {SCHEDULES}, got {self.warmup_schedule!r}")
+        if self.objective not in ("elbo", "iwae"):
+            raise ValueError(f"objective must be 'elbo' or 'iwae', got {self.objective!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
         if not (isinstance(self.beta, (int, float)) and self.beta >= 0 and math.isfinite(self.beta)):
@@ -86,15 +98,32 @@ def prepare_data(images: torch.Tensor, input_dim: int, likelihood: str) -> torch
     return flat
 
 
+def prepare_labels(model: nn.Module, labels: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """Check the labels against the model (``model.conditional``) and the data set, once."""
+    conditional = getattr(model, "conditional", False)
+    if labels is None:
+        if conditional:
+            raise ValueError(f"{type(model).__name__} is conditional: pass labels=... (one per image) to the Trainer")
+        return None
+    if not conditional:
+        raise ValueError(f"labels were given but {type(model).__name__} is not conditional; drop them or use fastvae.models.ConditionalVAE")
+    model.condition(labels, n)  # validates dtype, shape and range
+    return labels
+
+
 class Trainer:
-    """Trains a ``fastvae.VAE`` on a dataset held as one tensor on the training device.
+    """Trains a ``fastvae.VAE`` (or a fastvae.models variant) on a dataset held as one tensor on the training device.
 
     images: (N, ...) uint8 pixels (read as x/255) or floats; out_dir: where checkpoint.pt,
-    metrics.jsonl and the PNGs go (None: nothing is written).
+    metrics.jsonl and the PNGs go (None: nothing is written). labels: one per image, for
+    conditional models (``model.conditional``), gathered with the same shuffled index.
+    A model with its own ``training_step(batch, optimizer, beta=...)`` (the AAE) makes its updates itself
+    with the optimizer its ``make_optimizer(lr)`` returns.
     """
 
     def __init__(self, model: nn.Module, images: torch.Tensor, config: TrainConfig | None = None, *,
-                 device: str | torch.device | None = "auto", out_dir: str | os.PathLike | None = None) -> None:
+                 device: str | torch.device | None = "auto", out_dir: str | os.PathLike | None = None,
+                 labels: torch.Tensor | None = None) -> None:
         self.config = config or TrainConfig()
         self.config.validate()
         self.device = resolve_device(device)
@@ -104,12 +133,26 @@ class Trainer:
             raise ValueError("tf32=True needs a CUDA device; drop it or use device='cuda'")
         self.model = model.to(self.device)
         self.data = prepare_data(images, model.input_dim, model.likelihood).to(self.device)
+        labels = prepare_labels(model, labels, self.data.shape[0])
+        self.labels = labels.to(self.device) if labels is not None else None
+        if self.config.amp and hasattr(model, "training_step"):
+            raise ValueError(f"amp=True is not supported for {type(model).__name__}, which makes its own updates (training_step); drop --amp")
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.optimizer = _adam(self.model.parameters(), self.config.lr, self.device)
+        make_optimizer = getattr(model, "make_optimizer", None)  # models with their own training_step (AAE)
+        self.optimizer = make_optimizer(self.config.lr) if make_optimizer else _adam(self.model.parameters(), self.config.lr, self.device)
         self.generator = torch.Generator(device=self.device)
         if self.config.seed is not None:
             torch.manual_seed(self.config.seed)
             self.generator.manual_seed(self.config.seed)
+        if self.config.objective == "iwae" and distributed.active():
+            raise ValueError("objective='iwae' is not supported in multi-process training yet; use objective='elbo' or one process")
+        if self.config.objective == "iwae" and getattr(model, "conditional", False):
+            raise ValueError("objective='iwae' supports unconditional models only; use objective='elbo' for a conditional VAE")
+        if distributed.active() and getattr(model, "name", "vae") != "vae":
+            raise ValueError(f"multi-process training supports fastvae.VAE only, not {type(model).__name__}; run this model in one process")
+        self.shard = distributed.Sharded(self.model, self.device, self.generator) if distributed.active() else None
+        if not distributed.is_main():
+            self.out_dir = None  # checkpoints and metrics come from rank 0 only
         self.epoch = 0
         self.step = 0
         self.history: list[dict[str, float]] = []
@@ -120,10 +163,10 @@ class Trainer:
         return math.ceil(self.data.shape[0] / self.config.batch_size)
 
     def beta_at(self, step: int) -> float:
-        """KL weight at a step: linear warm-up from 0 to beta, then beta."""
+        """KL weight at a step: linear or cyclical warm-up from 0 to beta, then beta."""
         c = self.config
         length = c.warmup * (self.steps_per_epoch if c.warmup_unit == "epochs" else 1)
-        return c.beta if length == 0 else c.beta * min(1.0, step / length)
+        return kl_weight(step, c.beta, length, c.warmup_schedule, c.cycles)
 
     def state(self) -> dict[str, Any]:
         rng = {"torch": torch.get_rng_state(), "data": self.generator.get_state()}
@@ -149,6 +192,7 @@ class Trainer:
         """Train up to config.epochs; returns one dict per epoch (loss, recon, kl per sample, seconds)."""
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            _trim_metrics(self.out_dir / METRICS, self.step)
         self._graph = graphs.engine(self)
         with _checks.value_checks(False), graphs.tf32(self.config.tf32):  # the data was validated once in prepare_data
             while self.epoch < self.config.epochs:
@@ -163,6 +207,7 @@ class Trainer:
 
         c, n = self.config, self.data.shape[0]
         model = self.model.train()
+        custom_step = getattr(model, "training_step", None)  # models that make their own updates (AAE)
         perm = torch.randperm(n, device=self.device, generator=self.generator)
         sums = torch.zeros(3, device=self.device, dtype=torch.float64)
         window = torch.zeros(3, device=self.device, dtype=torch.float64)
@@ -170,23 +215,28 @@ class Trainer:
         t_window = t0
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{c.epochs}", disable=not c.progress, leave=False)
         for i in range(self.steps_per_epoch):
-            idx = perm[i * c.batch_size:(i + 1) * c.batch_size]
+            rows = perm[i * c.batch_size:(i + 1) * c.batch_size]
+            condition = {"labels": self.labels[rows]} if self.labels is not None else {}
+            beta = self.beta_at(self.step)
             if self._graph is not None:
-                stats = self._graph.step(idx)  # checked after the update: the graph has no host branch
+                terms = self._graph.step(rows)  # the whole step, the update included (so checked after it)
+            elif custom_step is not None:
+                terms = custom_step(self.data[rows], self.optimizer, beta=beta, **condition)
             else:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.amp):
-                    terms = model.loss_terms(self.data[idx], beta=self.beta_at(self.step), reduction="sum")
+                    terms, objective = self._objective(rows, beta, condition)
                 self.optimizer.zero_grad(set_to_none=True)
-                terms.loss.backward()
-                stats = torch.stack([terms.loss.detach(), terms.recon, terms.kl])
-            if c.check_finite and not bool(torch.isfinite(stats[0])):
-                raise FloatingPointError(f"the loss became {stats[0].item()} at step {self.step} (epoch {self.epoch + 1}); lower lr, check the data, or resume from the last checkpoint")
-            if self._graph is None:
+                objective.backward()
+            if c.check_finite and not bool(torch.isfinite(terms.loss)):
+                raise FloatingPointError(f"the loss became {terms.loss.item()} at step {self.step} (epoch {self.epoch + 1}); lower lr, check the data, or resume from the last checkpoint")
+            if custom_step is None and self._graph is None:
                 self.optimizer.step()
-            window += stats.to(torch.float64)
+            window += torch.stack([terms.loss.detach(), terms.recon, terms.kl]).to(torch.float64)
             self.step += 1
-            window_seen += idx.shape[0]
+            window_seen += rows.numel()
             if self.step % c.log_every == 0 or i == self.steps_per_epoch - 1:
+                if self.shard is not None:
+                    self.shard.all_reduce(window)
                 sums += window
                 values = (window / window_seen).tolist()
                 now = time.perf_counter()
@@ -203,10 +253,37 @@ class Trainer:
         self._log({"event": "epoch", "step": self.step, **record})
         return record
 
+    def _objective(self, rows: torch.Tensor, beta: float, condition: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
+        """(terms for the metrics, the tensor to differentiate) for the batch `rows` of the data."""
+        if self.shard is not None:
+            return self.shard.loss_terms(self.data, rows, beta)
+        batch = self.data[rows]
+        if self.config.objective == "iwae":
+            terms = iwae_terms(self.model, batch, self.config.k, beta=beta)
+        else:
+            terms = self.model.loss_terms(batch, beta=beta, reduction="sum", **condition)
+        return terms, terms.loss
+
     def _log(self, record: dict[str, Any]) -> None:
         if self.out_dir is not None:
             with open(self.out_dir / METRICS, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop records past the step training restarts from: written by a run killed after its last checkpoint."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def _adam(params, lr: float, device: torch.device) -> torch.optim.Adam:

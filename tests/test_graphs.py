@@ -17,12 +17,13 @@ def _images(n: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g)
 
 
-@pytest.mark.parametrize("unit,warmup", [("steps", 7), ("epochs", 2), ("steps", 0)])
-def test_warmup_beta_tensor_matches_beta_at(unit, warmup):
-    trainer = fastvae.Trainer(fastvae.VAE(), _images(300), fastvae.TrainConfig(batch_size=128, beta=0.7, warmup=warmup, warmup_unit=unit), device="cpu")
+@pytest.mark.parametrize("unit,warmup,schedule", [("steps", 7, "linear"), ("epochs", 2, "linear"), ("steps", 0, "linear"), ("steps", 11, "cyclical")])
+def test_warmup_beta_tensor_matches_beta_at(unit, warmup, schedule):
+    cfg = fastvae.TrainConfig(batch_size=128, beta=0.7, warmup=warmup, warmup_unit=unit, warmup_schedule=schedule, cycles=3)
+    trainer = fastvae.Trainer(fastvae.VAE(), _images(300), cfg, device="cpu")
     length = warmup * (trainer.steps_per_epoch if unit == "epochs" else 1)
-    for step in range(12):
-        got = graphs.warmup_beta(torch.tensor(float(step), dtype=torch.float64), 0.7, length)
+    for step in range(15):
+        got = graphs.warmup_beta(torch.tensor(float(step), dtype=torch.float64), 0.7, length, schedule, 3)
         assert got.item() == pytest.approx(trainer.beta_at(step), abs=1e-12)
 
 
@@ -68,7 +69,7 @@ def test_cpu_trains_eagerly_and_cuda_graph_true_warns_once():
         warnings.simplefilter("error")
         trainer, auto = _history(None, "cpu")
     assert trainer._graph is None
-    with pytest.warns(RuntimeWarning, match="cuda_graph=True needs a CUDA device"):
+    with pytest.warns(RuntimeWarning, match="cuda_graph=True but it needs a CUDA device"):
         _, forced = _history(True, "cpu")
     assert [h["loss"] for h in forced] == [h["loss"] for h in auto]
 

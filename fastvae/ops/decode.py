@@ -108,6 +108,8 @@ def decode_latents(
         if latent_dim is not None and latent_dim != z.shape[1]:
             raise ValueError(f"latent_dim={latent_dim} disagrees with z's shape {tuple(z.shape)}")
         total, dim = z.shape
+        if total == 0:
+            raise ValueError("z holds no latents (0 rows); pass at least one row, or n >= 1 without z")
         if like.numel() and z.device != like.device:
             raise ValueError(f"z is on {z.device} but the decoder's parameters are on {like.device}; move z with z.to({str(like.device)!r})")
         like = like if like.numel() else z

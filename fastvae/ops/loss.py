@@ -83,8 +83,11 @@ def _check(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torc
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not (x.is_floating_point() or x.dtype == torch.uint8):
         raise TypeError(f"x (targets) must be floating point or uint8 (read as x/255), got {x.dtype}")
-    _checks.latent_pair(mu, logvar)
+    for name, t in (("mu", mu), ("logvar", logvar)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     _checks.same_device(logits=logits, x=x, mu=mu, logvar=logvar)
+    _checks.latent_pair(mu, logvar)
     if logits.dim() != 2:
         raise ValueError(f"logits must be (batch, features), got shape {tuple(logits.shape)}")
     if x.shape != logits.shape:
@@ -127,7 +130,7 @@ def loss_terms(
         kl = _reduce(kl_rows_reference(_checks.accumulate(mu), _checks.accumulate(logvar)), reduction)
         return LossTerms(terms.loss + beta.to(kl.dtype) * kl, terms.recon, kl.detach())
     x = _check(logits, x, mu, logvar, likelihood, reduction)
-    beta = float(beta)
+    beta = _checks.beta(beta)
     name, impl = backends.pick(OP, backend, logits, x, mu, logvar)
 
     def eager() -> LossTerms:
@@ -159,10 +162,16 @@ def vae_loss(x_hat: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: tor
     """Drop-in for the reference loss: binary_cross_entropy(x_hat, x, reduction='sum') + beta * KLD.
 
     Takes probabilities, keeps torch's clamp of each log at -100 for parity, and flattens
-    image-shaped x as the reference's ``x.view(-1, 784)`` does.
+    image-shaped x as the reference's ``x.view(-1, 784)`` does. When x_hat comes from a model
+    passed through ``fastvae.accelerate`` it carries its logits: the loss is then the fused,
+    unclamped ``bce_kl_loss`` from them (equal except where a probability saturates to 0 or 1).
     """
     _checks.floating("x_hat", x_hat)
     _checks.latent_pair(mu, logvar)
+    logits = getattr(x_hat, "_fastvae_logits", None)
+    if logits is not None:
+        return bce_kl_loss(logits.reshape(mu.shape[0], -1), x, mu, logvar, beta=beta)
+    beta = _checks.beta(beta)
     if x.numel() != x_hat.numel():
         raise ValueError(f"x must have as many elements as x_hat {tuple(x_hat.shape)}, got {tuple(x.shape)}")
     target = target_values(x, x_hat).to(x_hat.dtype).reshape(x_hat.shape)

@@ -81,10 +81,12 @@ class _FusedReparam(torch.autograd.Function):
         return None, grad_mu, grad_logvar, None, None
 
 
-def _check(mu: torch.Tensor, logvar: torch.Tensor, k: int | None) -> None:
+def _check(mu: torch.Tensor, logvar: torch.Tensor, k: int | None, seed: int | None) -> None:
     _checks.latent_pair(mu, logvar)
     if k is not None:
         _checks.positive_int("k (samples per input)", k)
+    if seed is not None:
+        new_seed(seed)  # validates it: every backend must refuse the same seeds
 
 
 def reparameterize_kl(
@@ -101,7 +103,7 @@ def reparameterize_kl(
     draws the same eps. Without it, "torch" uses torch.randn and fused backends a seed drawn
     from torch's generator.
     """
-    _check(mu, logvar, k)
+    _check(mu, logvar, k, seed)
     name, impl = backends.pick(OP, backend, mu, logvar)
 
     def eager() -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,6 +148,8 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, reduction: str = "sum"
     """
     _checks.reduction(reduction)
     _checks.latent_pair(mu, logvar)
+    if reduction == "mean" and mu.shape[0] == 0:
+        raise ValueError("mu and logvar hold an empty batch (0 rows): reduction='mean' is undefined; pass at least one sample or use reduction='sum'")
     rows = kl_rows_reference(mu, logvar)
     if reduction == "none":
         return rows
