@@ -117,3 +117,48 @@ def chart(runs: list[dict], out: str | Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _key(record: dict) -> tuple:
+    return record["name"], record["backend"], tuple(record["shape"]), record["dtype"]
+
+
+def merge(files: list[str | Path]) -> dict:
+    """One results document from several runs on one device (later records replace equal keys)."""
+    docs = [json.loads(Path(f).read_text()) for f in files]
+    if len({d["device_name"] for d in docs}) > 1:
+        raise ValueError(f"these files come from different devices: {sorted({d['device_name'] for d in docs})}")
+    out = dict(docs[0])
+    records: dict[tuple, dict] = {}
+    for d in docs:
+        records.update({_key(r): r for r in d["results"]})
+    out["command"] = " && ".join(dict.fromkeys(d["command"] for d in docs))
+    out["load_avg_end"] = docs[-1].get("load_avg_end")
+    out["results"] = list(records.values())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description="Merge results files; redraw the chart and the README table from all results files.")
+    p.add_argument("--merge", nargs="+", default=None, help="results files of one device to merge into --out")
+    p.add_argument("--out", default=None)
+    p.add_argument("--results-dir", default=str(RESULTS))
+    p.add_argument("--readme", default=str(Path(__file__).resolve().parent.parent / "README.md"))
+    args = p.parse_args(argv)
+    if args.merge:
+        if not args.out:
+            p.error("--merge needs --out")
+        Path(args.out).write_text(json.dumps(merge(args.merge), indent=1) + "\n")
+        print(f"wrote {args.out}")
+    runs = load_all(Path(args.results_dir))
+    if runs:
+        print(f"wrote {chart(runs, Path(args.results_dir) / 'chart.png')}")
+        if Path(args.readme).exists() and rewrite_block(args.readme, readme_block(runs)):
+            print(f"rewrote the performance table in {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -89,10 +89,6 @@ def run_ops(preset: str, dev: torch.device, compile_: bool, extra: list[str]) ->
     return records
 
 
-def _key(record: dict) -> tuple:
-    return record["name"], record["backend"], tuple(record["shape"]), record["dtype"]
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
@@ -131,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(rec)
     doc["load_avg_end"] = os.getloadavg()[0]
     if args.merge and out.exists():
-        new = {_key(r) for r in results}
-        results = [r for r in json.loads(out.read_text())["results"] if _key(r) not in new] + results
+        new = {report._key(r) for r in results}
+        results = [r for r in json.loads(out.read_text())["results"] if report._key(r) not in new] + results
     doc["results"] = results
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")

@@ -47,3 +47,16 @@ def test_bytes_moved_formulas():
     assert common.bytes_moved("decode", (5, 2, 4, 6), torch.float32, False) == 4 * (10 + 12 + 30 + 30)
     with pytest.raises(ValueError, match="unknown op"):
         common.bytes_moved("nope", (1,), torch.float32, False)
+
+
+def test_merge_replaces_equal_records_and_refuses_mixed_devices(tmp_path):
+    rec = {"name": "loss.fwd", "backend": "eager", "shape": [1, 2, 3], "dtype": "float32", "median_ms": 1.0}
+    head = {"device_name": "X", "command": "a", "results": [rec, {**rec, "backend": "torch"}]}
+    (tmp_path / "a.json").write_text(json.dumps(head))
+    (tmp_path / "b.json").write_text(json.dumps({**head, "command": "b", "results": [{**rec, "median_ms": 2.0}]}))
+    merged = report.merge([tmp_path / "a.json", tmp_path / "b.json"])
+    assert merged["command"] == "a && b"
+    assert sorted((r["backend"], r["median_ms"]) for r in merged["results"]) == [("eager", 2.0), ("torch", 1.0)]
+    (tmp_path / "c.json").write_text(json.dumps({**head, "device_name": "Y"}))
+    with pytest.raises(ValueError, match="different devices"):
+        report.merge([tmp_path / "a.json", tmp_path / "c.json"])
