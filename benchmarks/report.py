@@ -95,7 +95,8 @@ def chart(runs: list[dict], out: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     runs = [r for r in runs if any(x["name"] != "reference_run" for x in r["results"])] or runs
-    fig, axes = plt.subplots(len(runs), 1, figsize=(12, 3.6 * len(runs)), squeeze=False)
+    width_in = max(12, 0.9 * max(len(r["results"]) for r in runs) / 3)
+    fig, axes = plt.subplots(len(runs), 1, figsize=(width_in, 4.5 * len(runs)), squeeze=False)
     for ax, run in zip(axes[:, 0], runs):
         eager = {(r["name"], tuple(r["shape"]), r["dtype"]): r["median_ms"] for r in run["results"] if r["backend"] == "eager"}
         keys = list(eager)
@@ -109,7 +110,7 @@ def chart(runs: list[dict], out: str | Path) -> Path:
         ax.set_yscale("log")
         ax.set_ylabel("speed-up over eager")
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))])
-        ax.set_xticklabels([f"{n}\n{'x'.join(map(str, s))}\n{d}" for n, s, d in keys], fontsize=7)
+        ax.set_xticklabels([f"{n} {'x'.join(map(str, s))} {d}" for n, s, d in keys], fontsize=7, rotation=30, ha="right")
         ax.set_title(f"{run['device_name']} - {run['date'][:10]} ({run['file']})", fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()
