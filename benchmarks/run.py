@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         epochs, samples, variants = REFERENCE[preset]
         variants = args.variants.split(",") if args.variants else variants
         for v in variants:
+            load = os.getloadavg()[0]
             rec = reference_run.run(v, epochs=args.epochs or epochs, samples=args.samples or samples, device=dev.type)
+            rec["load_avg"] = [load, os.getloadavg()[0]]  # 1-minute load before and after: others share the machine
             print(f"reference_run {v}: {rec['seconds']:.1f} s, final loss {rec['final_loss']:.2f}", flush=True)
             results.append(rec)
     doc["load_avg_end"] = os.getloadavg()[0]
