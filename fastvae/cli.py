@@ -5,6 +5,7 @@ import argparse
 import json
 import platform
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--out", default="scores.csv")
 
     sub.add_parser("info", help="versions, devices and active backends")
+    sub.add_parser("bench", help="run the benchmark suite (source checkout; see python -m benchmarks.run --help)", add_help=False)
     return parser
 
 
@@ -129,6 +131,12 @@ def _side(n: int) -> tuple[int, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # all further arguments belong to benchmarks.run
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from benchmarks.run import main as bench
+
+        return bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return _run(args)

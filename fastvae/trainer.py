@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _checks, checkpoint, distributed
+from . import _checks, checkpoint, distributed, graphs
 from .iwae import iwae_terms
 from .schedules import SCHEDULES, kl_weight
 
@@ -41,6 +41,8 @@ class TrainConfig:
     k: int = 5  # samples per input for objective="iwae"
     seed: int | None = 0
     amp: bool = False  # bf16 autocast (CUDA only)
+    tf32: bool = False  # TF32 matmuls (CUDA only)
+    cuda_graph: bool | None = None  # replay the step as a CUDA graph (None: on for CUDA); see fastvae.graphs
     log_every: int = 50  # steps between reads of the running loss (host syncs)
     progress: bool = True
     check_finite: bool = False  # raise, naming the step, as soon as the loss is NaN/Inf (one sync per step)
@@ -127,6 +129,8 @@ class Trainer:
         self.device = resolve_device(device)
         if self.config.amp and self.device.type != "cuda":
             raise ValueError("amp=True (bf16 autocast) needs a CUDA device; drop --amp or use device='cuda'")
+        if self.config.tf32 and self.device.type != "cuda":
+            raise ValueError("tf32=True needs a CUDA device; drop it or use device='cuda'")
         self.model = model.to(self.device)
         self.data = prepare_data(images, model.input_dim, model.likelihood).to(self.device)
         labels = prepare_labels(model, labels, self.data.shape[0])
@@ -152,6 +156,7 @@ class Trainer:
         self.epoch = 0
         self.step = 0
         self.history: list[dict[str, float]] = []
+        self._graph: graphs.GraphStep | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -188,7 +193,8 @@ class Trainer:
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             _trim_metrics(self.out_dir / METRICS, self.step)
-        with _checks.value_checks(False):  # the data was validated once in prepare_data
+        self._graph = graphs.engine(self)
+        with _checks.value_checks(False), graphs.tf32(self.config.tf32):  # the data was validated once in prepare_data
             while self.epoch < self.config.epochs:
                 self.history.append(self._epoch())
                 self.epoch += 1
@@ -212,7 +218,9 @@ class Trainer:
             rows = perm[i * c.batch_size:(i + 1) * c.batch_size]
             condition = {"labels": self.labels[rows]} if self.labels is not None else {}
             beta = self.beta_at(self.step)
-            if custom_step is not None:
+            if self._graph is not None:
+                terms = self._graph.step(rows)  # the whole step, the update included (so checked after it)
+            elif custom_step is not None:
                 terms = custom_step(self.data[rows], self.optimizer, beta=beta, **condition)
             else:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.amp):
@@ -221,7 +229,7 @@ class Trainer:
                 objective.backward()
             if c.check_finite and not bool(torch.isfinite(terms.loss)):
                 raise FloatingPointError(f"the loss became {terms.loss.item()} at step {self.step} (epoch {self.epoch + 1}); lower lr, check the data, or resume from the last checkpoint")
-            if custom_step is None:
+            if custom_step is None and self._graph is None:
                 self.optimizer.step()
             window += torch.stack([terms.loss.detach(), terms.recon, terms.kl]).to(torch.float64)
             self.step += 1

@@ -118,12 +118,22 @@ def loss_terms(
     mu: torch.Tensor,
     logvar: torch.Tensor,
     *,
-    beta: float = 1.0,
+    beta: float | torch.Tensor = 1.0,
     reduction: str = "sum",
     likelihood: str = "bernoulli",
     backend: str | None = None,
 ) -> LossTerms:
-    """(loss, recon, kl) with loss = recon + beta * kl; only ``loss`` carries gradients."""
+    """(loss, recon, kl) with loss = recon + beta * kl; only ``loss`` carries gradients.
+
+    ``beta`` may be a 0-dim float tensor (a KL warm-up read on the device, as in CUDA graphs):
+    the fused pass then runs with beta=0 and PyTorch adds beta * KL with autograd.
+    """
+    if isinstance(beta, torch.Tensor):
+        if beta.dim() != 0 or not beta.is_floating_point():
+            raise ValueError(f"a tensor beta must be a 0-dim float tensor, got shape {tuple(beta.shape)} and {beta.dtype}")
+        terms = loss_terms(logits, x, mu, logvar, beta=0.0, reduction=reduction, likelihood=likelihood, backend=backend)
+        kl = _reduce(kl_rows_reference(_checks.accumulate(mu), _checks.accumulate(logvar)), reduction)
+        return LossTerms(terms.loss + beta.to(kl.dtype) * kl, terms.recon, kl.detach())
     x = _check(logits, x, mu, logvar, likelihood, reduction)
     beta = _checks.beta(beta)
     name, impl = backends.pick(OP, backend, logits, x, mu, logvar)

@@ -28,8 +28,10 @@ def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox4x32(seed: int, counter: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Philox4x32-10 of (counter low, counter high, 0, 0) under a 64-bit key; int64 words."""
+def philox4x32(seed: int | torch.Tensor, counter: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 of (counter low, counter high, 0, 0) under a 64-bit key; int64 words.
+
+    `seed` may be a 0-dim int64 tensor on counter's device (read on the device: no sync)."""
     counter = counter.to(torch.int64)
     c0, c1 = counter & _M32, (counter >> 32) & _M32
     c2 = torch.zeros_like(c0)
@@ -55,12 +57,12 @@ def _box_muller(u1: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch
     return r * torch.cos(th), r * torch.sin(th)
 
 
-def randn(seed: int, numel: int, offset: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+def randn(seed: int | torch.Tensor, numel: int, offset: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
     """float32 N(0, 1) values for flat indices offset .. offset+numel-1 of the stream `seed`."""
     if numel == 0:
         return torch.empty(0, dtype=torch.float32, device=device)
     idx = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
-    words = philox4x32(int(seed), idx // 4)
+    words = philox4x32(seed if isinstance(seed, torch.Tensor) else int(seed), idx // 4)
     n0, n1 = _box_muller(_uniform(words[0]), _uniform(words[1]))
     n2, n3 = _box_muller(_uniform(words[2]), _uniform(words[3]))
     lanes = torch.stack((n0, n1, n2, n3), dim=-1)

@@ -7,6 +7,9 @@ grad_logvar = 0.5 * grad_z * (z - mu).
 
 Backend interface (``impl`` registered in ``fastvae.backends``):
     reparam_forward(mu, logvar, seed: int, k: int) -> (z (k, B, L), kl_rows (B,) float32)
+    tensor_seed = True (optional attribute): reparam_forward also takes `seed` as a 0-dim int64
+        tensor on mu's device and reads it in the kernel (CUDA graphs draw it per replay, see
+        new_seed); without it such calls run the PyTorch Philox reference.
     reparam_backward(grad_z (k, B, L), grad_kl (B,) | None, mu, logvar, z) -> (grad_mu, grad_logvar)
 """
 from __future__ import annotations
@@ -30,9 +33,22 @@ def reparam_reference(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor)
     return mu + eps * std
 
 
-def new_seed(seed: int | None = None) -> int:
+def new_seed(seed: int | torch.Tensor | None = None, like: torch.Tensor | None = None) -> int | torch.Tensor:
     """`seed` itself, or a fresh 63-bit seed from torch's default generator (so torch.manual_seed
-    makes fused runs reproducible; drawn on the CPU, so no device sync)."""
+    makes fused runs reproducible; drawn on the CPU, so no device sync).
+
+    Device seeds (for CUDA graphs): `seed` may be a 0-dim int64 tensor on `like`'s device, and
+    while a CUDA stream is capturing, the fresh seed is such a tensor drawn by the CUDA generator
+    inside the graph, so each replay gets a new one (a Python int would be frozen into the graph).
+    """
+    if isinstance(seed, torch.Tensor):
+        if seed.dim() != 0 or seed.dtype != torch.int64:
+            raise ValueError(f"a tensor seed must be a 0-dim int64 tensor, got shape {tuple(seed.shape)} and {seed.dtype}")
+        if like is not None and seed.device != like.device:
+            raise ValueError(f"the seed tensor is on {seed.device} but mu is on {like.device}; create it on {like.device}")
+        return seed
+    if seed is None and like is not None and like.is_cuda and torch.cuda.is_current_stream_capturing():
+        return torch.randint(0, 2**62, (), dtype=torch.int64, device=like.device)
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
@@ -44,6 +60,7 @@ def _torch_eps(mu: torch.Tensor, k: int | None, seed: int | None) -> torch.Tenso
     shape = mu.shape if k is None else (k, *mu.shape)
     if seed is None:
         return torch.randn(shape, dtype=mu.dtype, device=mu.device)
+    seed = new_seed(seed, like=mu)
     return philox.randn(seed, mu.numel() * (k or 1), device=mu.device).view(shape).to(mu.dtype)
 
 
@@ -93,11 +110,14 @@ def reparameterize_kl(
         z = reparam_reference(mu, logvar, _torch_eps(mu, k, seed))
         return z, kl_rows_reference(_checks.accumulate(mu), _checks.accumulate(logvar))
 
+    stream = new_seed(seed, like=mu) if impl is not None else seed
+    if isinstance(stream, torch.Tensor) and not getattr(impl, "tensor_seed", False):
+        seed, impl = stream, None  # this kernel takes int seeds only: PyTorch draws the same Philox stream
     if impl is None:
         return eager()
 
     def fused() -> tuple[torch.Tensor, torch.Tensor]:
-        z, kl = _FusedReparam.apply(impl, mu.contiguous(), logvar.contiguous(), new_seed(seed), k or 1)
+        z, kl = _FusedReparam.apply(impl, mu.contiguous(), logvar.contiguous(), stream, k or 1)
         return (z if k is not None else z[0]), kl
 
     return backends.run_fused(OP, name, fused, eager)
