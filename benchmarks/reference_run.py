@@ -8,7 +8,8 @@
     mode="reduce-overhead"; on CPU reduce-overhead adds nothing over default). Compile time is
     reported separately ("compile_s").
 (d) "fastvae": fastvae.Trainer with its defaults (uint8 data on the device, fused ops, CUDA
-    graphs on CUDA).
+    graphs on CUDA); "fastvae-torch" is the same Trainer with every op on the torch backend,
+    which isolates what the fused kernels add to a whole run.
 
 Every variant first runs warm-up steps (a full batch and the short last batch, so compiled
 code exists for both shapes) on a snapshot of the weights and optimizer that is then restored;
@@ -26,7 +27,7 @@ import torch
 import fastvae
 from fastvae.reference import ReferenceVAE, reference_loss
 
-VARIANTS = ("seed-loop", "eager-device", "compile", "compile-ro", "fastvae")
+VARIANTS = ("seed-loop", "eager-device", "compile", "compile-ro", "fastvae", "fastvae-torch")
 
 
 def _sync(device: torch.device) -> None:
@@ -117,11 +118,11 @@ def _device_loop(images: torch.Tensor, epochs: int, batch: int, device: torch.de
     return {"seconds": time.perf_counter() - t0, "final_loss": final, ("compile_s" if mode else "warmup_s"): warm}
 
 
-def _fastvae(images: torch.Tensor, epochs: int, batch: int, device: torch.device) -> dict:
+def _fastvae(images: torch.Tensor, epochs: int, batch: int, device: torch.device, backend: str | None) -> dict:
     cfg = dict(batch_size=batch, progress=False, seed=None, log_every=10**9)
     warm_n = batch * 2 + (len(images) % batch or batch)
-    fastvae.Trainer(fastvae.VAE(), images[:warm_n], fastvae.TrainConfig(epochs=1, **cfg), device=device).fit()
-    trainer = fastvae.Trainer(fastvae.VAE(), images, fastvae.TrainConfig(epochs=epochs, **cfg), device=device)
+    fastvae.Trainer(fastvae.VAE(backend=backend), images[:warm_n], fastvae.TrainConfig(epochs=1, **cfg), device=device).fit()
+    trainer = fastvae.Trainer(fastvae.VAE(backend=backend), images, fastvae.TrainConfig(epochs=epochs, **cfg), device=device)
     _sync(device)
     t0 = time.perf_counter()
     history = trainer.fit()
@@ -139,8 +140,8 @@ def run(variant: str, *, epochs: int = 10, samples: int | None = None, batch: in
     elif variant in ("eager-device", "compile", "compile-ro"):
         mode = {"eager-device": None, "compile": "default", "compile-ro": "reduce-overhead"}[variant]
         out = _device_loop(images, epochs, batch, dev, mode)
-    elif variant == "fastvae":
-        out = _fastvae(images, epochs, batch, dev)
+    elif variant in ("fastvae", "fastvae-torch"):
+        out = _fastvae(images, epochs, batch, dev, "torch" if variant == "fastvae-torch" else None)
     else:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     notes = "reduce-overhead is the default mode on CPU (no CUDA graphs)" if variant == "compile-ro" and dev.type == "cpu" else ""

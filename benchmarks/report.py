@@ -34,31 +34,40 @@ def _fmt_ms(ms: float) -> str:
 
 
 def ops_table(run: dict) -> str:
-    """One row per (op, pass, shape, dtype): median ms (GB/s) per backend, and eager / best fastvae."""
+    """One row per (op, pass, shape, dtype): median ms (GB/s) per backend, then two ratios side by
+    side from the same run: eager / best fastvae, and fastvae[torch] / best fused kernel."""
     rows: dict[tuple, dict[str, dict]] = {}
     for r in run["results"]:
         if r["name"] == "reference_run":
             continue
         rows.setdefault((r["name"], tuple(r["shape"]), r["dtype"]), {})[r["backend"]] = r
     impls = [*BASELINES, *sorted({b for cells in rows.values() for b in cells} - set(BASELINES))]
-    head = "| op | shape | dtype | " + " | ".join(f"{label(b)} ms (GB/s)" for b in impls) + " | eager / best fastvae |"
-    lines = [head, "|" + " --- |" * (len(impls) + 4)]
+    head = "| op | shape | dtype | " + " | ".join(f"{label(b)} ms (GB/s)" for b in impls) + " | eager / best fastvae | torch / best fused |"
+    lines = [head, "|" + " --- |" * (len(impls) + 5)]
     for (name, shape, dtype), cells in rows.items():
         vals = [f"{_fmt_ms(cells[b]['median_ms'])} ({cells[b]['gbps']:.3g})" if b in cells else "-" for b in impls]
-        fast = [c["median_ms"] for b, c in cells.items() if b not in BASELINES]
-        ratio = f"{cells['eager']['median_ms'] / min(fast):.2f}x" if fast and "eager" in cells else "-"
-        lines.append(f"| {name} | {'x'.join(map(str, shape))} | {dtype} | " + " | ".join(vals) + f" | {ratio} |")
+        lines.append(f"| {name} | {'x'.join(map(str, shape))} | {dtype} | " + " | ".join(vals)
+                     + f" | {_ratio(cells, 'eager', set(BASELINES))} | {_ratio(cells, 'torch', {*BASELINES, 'torch'})} |")
     return "\n".join(lines)
+
+
+def _ratio(cells: dict[str, dict], base: str, exclude: set[str]) -> str:
+    """cells[base]'s time over the fastest backend not in `exclude`, or "-"."""
+    fast = [c["median_ms"] for b, c in cells.items() if b not in exclude]
+    return f"{cells[base]['median_ms'] / min(fast):.2f}x" if fast and base in cells else "-"
 
 
 def reference_table(run: dict) -> str:
     recs = [r for r in run["results"] if r["name"] == "reference_run"]
     if not recs:
         return ""
-    lines = ["| reference run | samples x epochs | seconds | final loss | compile / warm-up s |", "| --- | --- | --- | --- | --- |"]
+    seed = next((r["seconds"] for r in recs if r["backend"] == "seed-loop"), None)
+    lines = ["| reference run | samples x epochs | seconds | speed-up over seed-loop | final loss | compile / warm-up s |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in recs:
         extra = r.get("compile_s", r.get("warmup_s"))
-        lines.append(f"| {r['backend']} | {r['shape'][0]} x {r['epochs']} | {r['seconds']:.1f} | {r['final_loss']:.2f} | {'-' if extra is None else f'{extra:.1f}'} |")
+        speed = "-" if seed is None else f"{seed / r['seconds']:.2f}x"
+        lines.append(f"| {r['backend']} | {r['shape'][0]} x {r['epochs']} | {r['seconds']:.1f} | {speed} | {r['final_loss']:.2f} | {'-' if extra is None else f'{extra:.1f}'} |")
     return "\n".join(lines)
 
 

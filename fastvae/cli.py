@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     t.add_argument("--backend", default=None, choices=("auto", "torch", "triton", "cpp", "cuda"))
     t.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    t.add_argument("--tf32", action="store_true", help="TF32 matmuls (CUDA)")
+    t.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
+                   help="run the CUDA training step eagerly instead of replaying it as a CUDA graph")
     t.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<date>-<time>)")
     t.add_argument("--resume", default=None, help="checkpoint.pt to continue from")
     t.add_argument("--seed", type=int, default=0)
@@ -156,7 +159,7 @@ def _run(args: argparse.Namespace) -> int:
             args.dataset, data_dir=args.data_dir, out=args.out, device=args.device, resume=args.resume, limit=args.limit,
             model=args.model, hidden_dims=args.hidden_dims, latent_dim=args.latent_dim, likelihood=args.likelihood, backend=args.backend,
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, beta=args.beta, warmup=args.warmup,
-            warmup_unit=args.warmup_unit, seed=args.seed, amp=args.amp, progress=not args.no_progress,
+            warmup_unit=args.warmup_unit, seed=args.seed, amp=args.amp, tf32=args.tf32, cuda_graph=args.cuda_graph, progress=not args.no_progress,
             warmup_schedule=args.warmup_schedule, cycles=args.cycles, objective=args.objective, k=args.k)
         for h in history if is_main() else ():
             print(f"epoch {h['epoch']}: loss {h['loss']:.2f} per sample (recon {h['recon']:.2f}, kl {h['kl']:.2f}), {h['seconds']:.2f} s")

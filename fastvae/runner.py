@@ -11,6 +11,8 @@ from torch import nn
 
 from . import data as datasets
 from . import distributed, models, plots
+from .apps import latent_map
+from .model import VAE
 from .trainer import CHECKPOINT, METRICS, TrainConfig, Trainer
 
 
@@ -65,7 +67,8 @@ def train(
 
 def write_pictures(model: nn.Module, images: torch.Tensor, out_dir: Path, image_shape: tuple[int, int] | None,
                    labels: torch.Tensor | None = None) -> None:
-    """reconstructions.png (originals above their reconstructions), samples.png, loss.png."""
+    """reconstructions.png (originals above their reconstructions), samples.png, loss.png, and
+    latent_map.png for an unconditional MLP VAE with a 2-D latent space."""
     if image_shape is None:
         return
     condition = {"labels": labels[:32]} if labels is not None else {}
@@ -73,3 +76,5 @@ def write_pictures(model: nn.Module, images: torch.Tensor, out_dir: Path, image_
     plots.write_png(plots.grid(model.sample(64, seed=0, out_dtype=torch.uint8), image_shape, columns=8), out_dir / "samples.png")
     if (out_dir / METRICS).exists():
         plots.loss_curve(out_dir / METRICS, out_dir / "loss.png")
+    if isinstance(model, VAE) and model.latent_dim == 2 and image_shape[0] * image_shape[1] == model.input_dim and image_shape[0] == image_shape[1]:
+        latent_map(model, out_dir / "latent_map.png")

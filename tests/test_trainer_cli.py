@@ -28,6 +28,7 @@ def test_cli_one_epoch_writes_everything_and_resume_continues(tmp_path, real_dat
     for name in ("checkpoint.pt", "metrics.jsonl", "reconstructions.png", "samples.png", "loss.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "latent_map.png").exists()  # only for a 2-D latent space
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1 and state["step"] == 10 and state["config"]["latent_dim"] == 20
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -41,6 +42,13 @@ def test_cli_one_epoch_writes_everything_and_resume_continues(tmp_path, real_dat
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"event": "epoch"' in line]
     assert [e["epoch"] for e in epochs] == [1, 2, 3]
     assert epochs[-1]["loss"] < epochs[0]["loss"]
+
+
+def test_cli_two_dim_latent_space_writes_its_map(tmp_path, real_data):
+    out = tmp_path / "run2d"
+    assert main(["train", "--epochs", "1", "--limit", "256", "--latent-dim", "2", "--out", str(out), "--no-progress"]) == 0
+    png = (out / "latent_map.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
 
 
 def test_resume_equals_uninterrupted_run(tmp_path, real_data):
