@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import fastvae
-from fastvae import checkpoint
 from fastvae.cli import main
 from fastvae.functional import decode_latents, kl_divergence, loss_terms, reparameterize, vae_loss
 

@@ -1,23 +1,18 @@
 """The "cpp"/"cuda" backends in fastvae's dispatch: registration, fallbacks, torch.compile, the model."""
 import functools
 import importlib
-import os
 
 import pytest
 import torch
 
 import fastvae
+from cpp_helpers import require_extension
 from fastvae import _extension
 from fastvae.ops import loss, reparam
 
 backends = importlib.import_module("fastvae.backends")  # the module (fastvae.backends is the report function)
 
-try:
-    _extension.library()
-except RuntimeError as exc:  # CI sets FASTVAE_REQUIRE_CPP=1: there a missing extension is a failure
-    if os.environ.get("FASTVAE_REQUIRE_CPP") == "1":
-        raise
-    pytest.skip(f"the C++ extension is unavailable here: {exc}", allow_module_level=True)
+require_extension()
 
 
 @pytest.fixture

@@ -6,15 +6,11 @@ import torch
 import torch.nn.functional as F
 
 import fastvae
+from cpp_helpers import require_extension
 from fastvae import _extension
 from fastvae.ops import decode, loss, philox, reparam
 
-try:
-    _extension.library()
-except RuntimeError as exc:  # CI sets FASTVAE_REQUIRE_CPP=1: there a missing extension is a failure
-    if os.environ.get("FASTVAE_REQUIRE_CPP") == "1":
-        raise
-    pytest.skip(f"the C++ extension is unavailable here: {exc}", allow_module_level=True)
+require_extension()
 
 OPS = torch.ops.fastvae
 DTYPES = [torch.float32, torch.float64]

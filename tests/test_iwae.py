@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fastvae
-from fastvae.iwae import iwae_bound, iwae_terms, log_weights, per_sample_bounds
+from fastvae.iwae import iwae_bound, log_weights, per_sample_bounds
 from fastvae.ops import philox
 from fastvae.ops.loss import loss_terms
 from fastvae.ops.reparam import reparameterize
