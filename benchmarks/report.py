@@ -75,7 +75,7 @@ def readme_block(runs: list[dict]) -> str:
     """Markdown for the README: the latest run of each device."""
     parts = []
     for run in latest_per_device(runs):
-        parts.append(f"**{run['device_name']}** ({run['date'][:10]}, commit {run['git_commit'][:10]}, torch {run['torch']}; "
+        parts.append(f"**{run['device_name']}** ({run['date'][:10]}, commit {' + '.join(c[:10] for c in run['git_commit'].split(' + '))}, torch {run['torch']}; "
                      f"`{run['command']}`; median of repeated calls, GB/s = bytes that must move / time)\n")
         parts.append(ops_table(run))
         ref = reference_table(run)
@@ -143,6 +143,7 @@ def merge(files: list[str | Path]) -> dict:
     for d in docs:
         records.update({_key(r): r for r in d["results"]})
     out["command"] = " && ".join(dict.fromkeys(d["command"] for d in docs))
+    out["git_commit"] = " + ".join(dict.fromkeys(c for d in docs for c in d["git_commit"].split(" + ")))
     out["load_avg_end"] = docs[-1].get("load_avg_end")
     out["results"] = list(records.values())
     return out

@@ -128,9 +128,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"reference_run {v}: {rec['seconds']:.1f} s, final loss {rec['final_loss']:.2f}", flush=True)
             results.append(rec)
     doc["load_avg_end"] = os.getloadavg()[0]
+    for r in results:
+        r["git_commit"] = doc["git_commit"]  # records merged from other runs keep their own
     if args.merge and out.exists():
         new = {report._key(r) for r in results}
-        results = [r for r in json.loads(out.read_text())["results"] if report._key(r) not in new] + results
+        old = json.loads(out.read_text())
+        results = [r for r in old["results"] if report._key(r) not in new] + results
+        doc["command"] = " && ".join(dict.fromkeys([old["command"], doc["command"]]))
+        doc["git_commit"] = " + ".join(dict.fromkeys([*old["git_commit"].split(" + "), doc["git_commit"]]))
     doc["results"] = results
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")

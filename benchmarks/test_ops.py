@@ -1,6 +1,9 @@
 """Per-op benchmarks: each fused op, forward and forward+backward, on every fastvae backend and on
 eager PyTorch ("eager": the reference's formulas) and torch.compile of it ("compile").
 
+fastvae's backends run with the data-dependent value checks off (``fastvae.value_checks(False)``),
+as in the Trainer's loop: they are a validation pass over the inputs, not part of the op.
+
 Run through ``python -m benchmarks.run`` (which writes the results file), or directly:
 ``python -m pytest benchmarks/test_ops.py --benchmark-only``. Environment: FASTVAE_BENCH_DEVICE,
 FASTVAE_BENCH_SIZE (smoke|quick|full), FASTVAE_BENCH_DTYPES, FASTVAE_BENCH_COMPILE=0 (skip
@@ -15,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastvae
 from fastvae import functional as fv
 from fastvae.backends import BACKENDS
 from fastvae.model import MLPDecoder
@@ -113,7 +117,8 @@ def test_op(benchmark, case, impl):
     fn = _callable(op, impl, backward, leaves, args)
 
     def timed():
-        fn()
+        with fastvae.value_checks(False):
+            fn()
         common.sync(DEV)
 
     timed()  # warm-up: compiles, autotunes, loads extensions

@@ -51,11 +51,11 @@ def test_bytes_moved_formulas():
 
 def test_merge_replaces_equal_records_and_refuses_mixed_devices(tmp_path):
     rec = {"name": "loss.fwd", "backend": "eager", "shape": [1, 2, 3], "dtype": "float32", "median_ms": 1.0}
-    head = {"device_name": "X", "command": "a", "results": [rec, {**rec, "backend": "torch"}]}
+    head = {"device_name": "X", "command": "a", "git_commit": "c1", "results": [rec, {**rec, "backend": "torch"}]}
     (tmp_path / "a.json").write_text(json.dumps(head))
-    (tmp_path / "b.json").write_text(json.dumps({**head, "command": "b", "results": [{**rec, "median_ms": 2.0}]}))
+    (tmp_path / "b.json").write_text(json.dumps({**head, "command": "b", "git_commit": "c2", "results": [{**rec, "median_ms": 2.0}]}))
     merged = report.merge([tmp_path / "a.json", tmp_path / "b.json"])
-    assert merged["command"] == "a && b"
+    assert merged["command"] == "a && b" and merged["git_commit"] == "c1 + c2"
     assert sorted((r["backend"], r["median_ms"]) for r in merged["results"]) == [("eager", 2.0), ("torch", 1.0)]
     (tmp_path / "c.json").write_text(json.dumps({**head, "device_name": "Y"}))
     with pytest.raises(ValueError, match="different devices"):
