@@ -170,6 +170,18 @@ def test_loss_nan_inf_logits_behave_as_torch(dtype):
     torch.testing.assert_close(rows, want.detach().reshape(-1), equal_nan=True, rtol=1e-6, atol=1e-30)
 
 
+def test_loss_softplus_term_alone_is_float_accurate_per_element():
+    """Targets x = (l > 0) leave only log1p(exp(-|l|)) per element: the float32 kernel's polynomial
+    log1p must stay within a few ulp of float64, relative, from |l| = 0 to 80 (exp(-80) is still a normal float)."""
+    l = torch.cat([torch.linspace(-30, 30, 200_001), torch.tensor([0.0, 1e-8, -1e-8, 80.0, -80.0])]).view(-1, 1)
+    x = (l > 0).float()
+    mu, logvar = torch.zeros(len(l), 1), torch.zeros(len(l), 1)
+    recon, _, _, _, _ = _extension.load_ops("loss", "cpu").loss_forward(l, x, mu, logvar, 1.0, "bernoulli", False)
+    want = torch.log1p(torch.exp(-l.double().abs())).view(-1)
+    rel = ((recon.double() - want).abs() / want.clamp_min(1e-300))[want > 0]
+    assert rel.max().item() < 4e-7, rel.max().item()
+
+
 def test_loss_without_gradients_returns_none():
     logits, x, mu, logvar = loss_inputs(5, 9, 2, torch.float32, "float")
     _, _, g_logits, g_mu, g_logvar = _extension.load_ops("loss", "cpu").loss_forward(logits, x, mu, logvar, 1.0, "bernoulli", False)

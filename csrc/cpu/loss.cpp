@@ -16,6 +16,22 @@ struct LossArgs {
 
 namespace FASTVAE_ISA {
 
+// log1p(e) for e = exp(-|l|) in [0, 1] given u = 1 + e and inv = 1 / u. float: e * P(e), P the
+// degree-9 Chebyshev fit of log1p(e) / e on [0, 1] (1.6e-7 relative in float32, checked in
+// tests): ten FMAs instead of a vector log, the costliest step of the loss. double: log(u)
+// corrected for u's rounding, log1p(e) = log(u) - (u - 1 - e) / u.
+inline Vec<float> log1p_unit(const Vec<float>& e, const Vec<float>&, const Vec<float>&) {
+  static constexpr float c[] = {1.0f, -0.49999893f, 0.3332971f, -0.24951616f, 0.19663274f,
+                                -0.15269667f, 0.105436236f, -0.05637361f, 0.019542526f, -0.003176057f};
+  Vec<float> p(c[9]);
+  for (int k = 8; k >= 0; --k) p = at::vec::fmadd(p, e, Vec<float>(c[k]));
+  return p * e;
+}
+
+inline Vec<double> log1p_unit(const Vec<double>& e, const Vec<double>& u, const Vec<double>& inv) {
+  return u.log() - (u - Vec<double>(1) - e) * inv;
+}
+
 template <typename T>
 T recon_row(const T* l, const T* x, int64_t n, bool gaussian, T* grad) {
   constexpr int64_t W = Vec<T>::size();
@@ -30,11 +46,10 @@ T recon_row(const T* l, const T* x, int64_t n, bool gaussian, T* grad) {
       term = d * d;
       g = d * Vec<T>(2);
     } else {
-      // e = exp(-|l|) in [0, 1]; u = 1 + e serves both log1p(e) = log(u) - (u - 1 - e) / u (one log,
-      // exact where u rounds to 1) and sigmoid(l) = 1 / u or e / u. exp_u20 maps NaN to a number:
-      // the gradient takes NaN back from l.
+      // e = exp(-|l|) in [0, 1]; u = 1 + e gives sigmoid(l) = 1 / u or e / u. exp_u20 maps NaN to a
+      // number: the gradient takes NaN back from l.
       const Vec<T> e = (zero - lv.abs()).exp_u20(), u = one + e, inv = one / u;
-      term = (one - xv) * lv - at::vec::minimum(lv, zero) + (u.log() - (u - one - e) * inv);
+      term = (one - xv) * lv - at::vec::minimum(lv, zero) + log1p_unit(e, u, inv);
       g = Vec<T>::blendv(Vec<T>::blendv(e * inv, inv, lv >= zero) - xv, lv, lv != lv);
     }
     acc = acc + (c == W ? term : Vec<T>::set(zero, term, c));  // padded lanes would add log 2

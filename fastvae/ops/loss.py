@@ -73,8 +73,12 @@ class _FusedLoss(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("the fused loss's backward ran twice (retain_graph=True); use backend='torch' for double backward")
         grads, ctx.grads = ctx.grads, None
-        g = grad_rows.unsqueeze(-1)
-        g_logits, g_mu, g_logvar = (t.mul_(g) for t in grads)
+        # loss.sum().backward() sends ones: on the CPU that is cheap to see and saves a pass over the
+        # logits-sized gradient (on CUDA the check would cost a sync, more than the pass).
+        if not (grad_rows.device.type == "cpu" and bool((grad_rows == 1).all())):
+            g = grad_rows.unsqueeze(-1)
+            grads = tuple(t.mul_(g) for t in grads)
+        g_logits, g_mu, g_logvar = grads
         return None, g_logits, None, g_mu, g_logvar, None, None
 
 
