@@ -5,8 +5,9 @@ Peak memory ("peak_mem_mb") is what one warm call allocates beyond what existed 
 reset_peak_memory_stats(), minus memory_allocated() before the call; on CPU the process's
 peak resident set (VmHWM, reset through /proc/self/clear_refs) minus its resident set before
 the call. tracemalloc does not see torch's allocations and torch has no CPU peak counter, so
-the RSS high-water mark is used; benchmarks.run sets MALLOC_MMAP_THRESHOLD_ so that freed
-tensors go back to the OS and earlier calls do not hide a peak.
+the RSS high-water mark is used, in a separate pass with MALLOC_MMAP_THRESHOLD_ set so that
+freed tensors go back to the OS and earlier calls do not hide a peak (benchmarks.run does it;
+the times come from a pass with the normal allocator).
 """
 from __future__ import annotations
 
@@ -26,6 +27,15 @@ def device() -> torch.device:
     """FASTVAE_BENCH_DEVICE (cpu, cuda), else CUDA when present."""
     name = os.environ.get("FASTVAE_BENCH_DEVICE", "auto")
     return fastvae.trainer.resolve_device(name)
+
+
+def peak_mode() -> str:
+    """FASTVAE_BENCH_PEAK: inline (measure the peak, then time; default), skip (time only) or only
+    (measure the peak, one untimed-for-the-report call)."""
+    mode = os.environ.get("FASTVAE_BENCH_PEAK", "inline")
+    if mode not in ("inline", "skip", "only"):
+        raise ValueError(f"FASTVAE_BENCH_PEAK must be inline, skip or only, got {mode!r}")
+    return mode
 
 
 def preset() -> str:

@@ -68,21 +68,36 @@ def meta(dev: torch.device, argv: list[str]) -> dict:
             "load_avg_start": os.getloadavg()[0], "cpu_count": os.cpu_count()}
 
 
-def run_ops(preset: str, dev: torch.device, compile_: bool, extra: list[str]) -> list[dict]:
-    """benchmarks/test_ops.py under pytest-benchmark in a child process; its JSON as records."""
+def _pytest_ops(preset: str, dev: torch.device, compile_: bool, extra: list[str], peak: str) -> list[dict]:
+    """benchmarks/test_ops.py under pytest-benchmark in a child process (FASTVAE_BENCH_PEAK=peak); its JSON."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
         env = {**os.environ, "FASTVAE_BENCH_SIZE": preset, "FASTVAE_BENCH_DEVICE": dev.type,
-               "FASTVAE_BENCH_COMPILE": "1" if compile_ else "0", "MALLOC_MMAP_THRESHOLD_": "65536"}
+               "FASTVAE_BENCH_COMPILE": "1" if compile_ else "0", "FASTVAE_BENCH_PEAK": peak}
+        if peak == "only":  # freed tensors go back to the OS, so an earlier call cannot hide a peak
+            env["MALLOC_MMAP_THRESHOLD_"] = "65536"
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", str(ROOT / "benchmarks" / "test_ops.py"),
                f"--benchmark-json={out}", "--benchmark-columns=median,rounds", *PYTEST_ARGS[preset], *extra]
         proc = subprocess.run(cmd, cwd=ROOT, env=env)
         if proc.returncode != 0 or not out.exists():
             raise SystemExit(f"the op benchmarks failed (exit {proc.returncode}): {shlex.join(cmd)}")
-        data = json.loads(out.read_text())
+        return json.loads(out.read_text())["benchmarks"]
+
+
+def run_ops(preset: str, dev: torch.device, compile_: bool, extra: list[str]) -> list[dict]:
+    """The op benchmarks as records. On CPU two passes: times with the process's normal allocator,
+    then peak memory alone with MALLOC_MMAP_THRESHOLD_ set (which would slow every large
+    allocation down with page faults if it were on while timing). On CUDA one pass does both."""
+    if dev.type == "cuda":
+        timed, peaks = _pytest_ops(preset, dev, compile_, extra, "inline"), {}
+    else:
+        timed = _pytest_ops(preset, dev, compile_, extra, "skip")
+        peaks = {b["name"]: b["extra_info"]["peak_mem_mb"] for b in _pytest_ops(preset, dev, compile_, extra, "only")}
     records = []
-    for b in data["benchmarks"]:
+    for b in timed:
         info, st = b["extra_info"], b["stats"]
+        if b["name"] in peaks:
+            info["peak_mem_mb"] = peaks[b["name"]]
         records.append({"name": f"{info['op']}.{info['pass']}", **info, "median_ms": st["median"] * 1e3, "mean_ms": st["mean"] * 1e3,
                         "min_ms": st["min"] * 1e3, "stddev_ms": st["stddev"] * 1e3, "rounds": st["rounds"],
                         "gbps": info["bytes"] / st["median"] / 1e9})
