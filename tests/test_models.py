@@ -2,8 +2,6 @@
 through fastvae.Trainer, checkpoints and the CLI (tiny sizes, CPU)."""
 import json
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +13,6 @@ from fastvae.cli import main
 from fastvae.models import AdversarialAE, ConditionalVAE, ConvVAE, HierarchicalVAE, RecurrentVAE
 from fastvae.models.hierarchical import gaussian_kl
 
-DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 
 TINY = {
     "vae": lambda: fastvae.VAE(784, (16,), 3),
@@ -37,15 +34,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def real_data():
-    if not (DEBIAN / "train-images-idx3-ubyte.gz").exists():
-        if os.environ.get("CI"):
-            pytest.fail("Fashion-MNIST is missing: .ci/run must `apt-get install dataset-fashion-mnist`")
-        pytest.skip("apt-get install dataset-fashion-mnist to run the real-data tests")
-    return fastvae.data.load("fashion-mnist", "train")
 
 
 def _condition(model, batch):

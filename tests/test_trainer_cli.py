@@ -1,7 +1,5 @@
 """The training engine and the CLI on a small subset of the real Fashion-MNIST."""
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,16 +8,6 @@ import fastvae
 from fastvae import checkpoint
 from fastvae.cli import main
 
-DEBIAN = Path("/usr/share/datasets/fashion-mnist")
-
-
-@pytest.fixture(scope="module")
-def real_data():
-    if not (DEBIAN / "train-images-idx3-ubyte.gz").exists():
-        if os.environ.get("CI"):
-            pytest.fail("Fashion-MNIST is missing: .ci/run must `apt-get install dataset-fashion-mnist`")
-        pytest.skip("apt-get install dataset-fashion-mnist to run the real-data tests")
-    return fastvae.data.load("fashion-mnist", "train")
 
 
 def test_cli_one_epoch_writes_everything_and_resume_continues(tmp_path, real_data):
