@@ -39,6 +39,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _checkpoint_on_data(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of commands that run a checkpoint over a data split (reconstruct, score)."""
+    p.add_argument("checkpoint")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--split", choices=("train", "test"), default="test")
+    return p
+
+
 def _dims(text: str) -> tuple[int, ...]:
     parts = [p for p in text.replace(",", " ").split() if p]
     return tuple(_positive_int(p) for p in parts)
@@ -86,19 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label", type=_non_negative_int, default=None, help="class to draw (conditional models; default: every class in turn)")
     s.add_argument("--out", default="samples.png")
 
-    r = sub.add_parser("reconstruct", help="originals above reconstructions, as a PNG grid")
-    r.add_argument("checkpoint")
-    r.add_argument("--dataset", default="fashion-mnist")
-    r.add_argument("--data-dir", default=None)
-    r.add_argument("--split", choices=("train", "test"), default="test")
+    r = _checkpoint_on_data(sub.add_parser("reconstruct", help="originals above reconstructions, as a PNG grid"))
     r.add_argument("-n", type=_positive_int, default=32)
     r.add_argument("--out", default="reconstructions.png")
 
-    sc = sub.add_parser("score", help="per-sample anomaly scores (-ELBO, or -IWAE bound with --k > 1) to a CSV")
-    sc.add_argument("checkpoint")
-    sc.add_argument("--dataset", default="fashion-mnist")
-    sc.add_argument("--data-dir", default=None)
-    sc.add_argument("--split", choices=("train", "test"), default="test")
+    sc = _checkpoint_on_data(sub.add_parser("score", help="per-sample anomaly scores (-ELBO, or -IWAE bound with --k > 1) to a CSV"))
     sc.add_argument("--k", type=_positive_int, default=1)
     sc.add_argument("--batch-size", type=_positive_int, default=256)
     sc.add_argument("--out", default="scores.csv")
