@@ -10,6 +10,14 @@ from typing import Iterator
 import torch
 
 MAX_LOGVAR = 88.0  # exp(88.7) is float32's largest finite value
+
+# Value-check flag bits the fused kernels OR into a flag word (csrc/flags.h and kernels/_common.py mirror them).
+FLAG_LOGITS_NONFINITE = 1
+FLAG_X_NONFINITE = 2
+FLAG_X_RANGE = 4  # Bernoulli likelihood, floating-point target outside [0, 1]
+FLAG_MU_NONFINITE = 8
+FLAG_LOGVAR_NONFINITE = 16
+FLAG_LOGVAR_HIGH = 32  # finite logvar > MAX_LOGVAR
 _value_checks = os.environ.get("FASTVAE_VALUE_CHECKS", "1") != "0"
 
 

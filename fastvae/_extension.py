@@ -96,11 +96,15 @@ class _Reparam:
         return _dtype_reason(mu)
 
     @staticmethod
-    def reparam_forward(mu: torch.Tensor, logvar: torch.Tensor, seed: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.ops.fastvae.reparam_forward(mu, logvar, seed, k)
+    def reparam_forward(mu: torch.Tensor, logvar: torch.Tensor, seed: int | torch.Tensor, k: int, need_kl: bool = True,
+                        flags: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if isinstance(seed, torch.Tensor):  # interface shim: read on the host until the kernel loads it
+            seed = int(seed.item())
+        z, kl = torch.ops.fastvae.reparam_forward(mu, logvar, seed, k)
+        return z, (kl if need_kl else None)
 
     @staticmethod
-    def reparam_backward(grad_z, grad_kl, mu, logvar, z) -> tuple[torch.Tensor, torch.Tensor]:
+    def reparam_backward(grad_z, grad_kl, mu, logvar, z, seed: int | torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ops.fastvae.reparam_backward(grad_z, grad_kl, mu, logvar, z)
 
 
@@ -114,12 +118,26 @@ class _Loss:
         return _dtype_reason(logits)
 
     @staticmethod
-    def loss_forward(logits, x, mu, logvar, beta: float, likelihood: str, need_grad: bool):
+    def loss_forward(logits, x, mu, logvar, beta: float | torch.Tensor, likelihood: str, need_grad: bool, scale: float = 1.0,
+                     flags: torch.Tensor | None = None):
+        if isinstance(beta, torch.Tensor):  # interface shim: read on the host until the kernel loads it
+            beta = float(beta.item())
         recon, kl, g_logits, g_mu, g_logvar = torch.ops.fastvae.loss_forward(
             logits, x, mu, logvar, float(beta), likelihood == "gaussian", bool(need_grad))
         if not need_grad:
             return recon, kl, None, None, None
+        if scale != 1.0:  # interface shim: folded into the kernel later
+            for g in (g_logits, g_mu, g_logvar):
+                g.mul_(scale)
         return recon, kl, g_logits, g_mu, g_logvar
+
+    @staticmethod
+    def scale_grads(grad_out: torch.Tensor, grads: list[torch.Tensor]) -> None:
+        """Every tensor of `grads` times grad_out (0-dim, or one factor per row) in place (interface shim)."""
+        if grad_out.dim() == 0 and grad_out.device.type == "cpu" and float(grad_out) == 1.0:
+            return
+        for t in grads:
+            t.mul_(grad_out if grad_out.dim() == 0 else grad_out.reshape(-1, *([1] * (t.dim() - 1))))
 
 
 class _Decode:

@@ -105,7 +105,7 @@ def _dot_block(n: int, gpu: int, interpreted: int, override: int | None) -> int:
     return pick(max(16, min(triton.next_power_of_2(n), gpu)), max(16, min(triton.next_power_of_2(n), interpreted)), override)
 
 
-def decode_mlp(layers: list[tuple[torch.Tensor, torch.Tensor]], z: torch.Tensor | None, seed: int, start: int, out: torch.Tensor, *,
+def decode_mlp(layers: list[tuple[torch.Tensor, torch.Tensor]], z: torch.Tensor | None, seed: int | torch.Tensor, start: int, out: torch.Tensor, *,
                fuse: bool | None = None, block_m: int | None = None, block_n: int | None = None, block_k: int | None = None) -> None:
     """Write sigmoid(MLP(z)) for rows start .. start + len(out) into `out` (float or uint8).
 
@@ -116,6 +116,8 @@ def decode_mlp(layers: list[tuple[torch.Tensor, torch.Tensor]], z: torch.Tensor 
     K = layers[0][0].shape[1]
     if M == 0:
         return
+    if isinstance(seed, torch.Tensor):  # interface shim: read on the host until the kernel loads it
+        seed = int(seed.item())
     target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     zc = z.contiguous() if z is not None else out  # out: an unused pointer when drawing from the prior
     params = [(w.contiguous(), b.contiguous()) for w, b in layers]

@@ -74,13 +74,16 @@ def _rows_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def loss_forward(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float, likelihood: str,
-                 need_grad: bool, *, block_rows: int | None = None, block_cols: int | None = None):
-    """(recon_rows, kl_rows, grad_logits | None, grad_mu | None, grad_logvar | None) of sum(recon + beta * kl).
+def loss_forward(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float | torch.Tensor, likelihood: str,
+                 need_grad: bool, scale: float = 1.0, flags: torch.Tensor | None = None, *, block_rows: int | None = None,
+                 block_cols: int | None = None):
+    """(recon_rows, kl_rows, grad_logits | None, grad_mu | None, grad_logvar | None) of scale * sum(recon + beta * kl).
 
     Inputs contiguous, x of logits' shape (float or uint8). Rows are float32 (float64 for float64
     inputs); gradients take their tensor's dtype.
     """
+    if isinstance(beta, torch.Tensor):  # interface shim: read on the host until the kernel loads it
+        beta = float(beta.item())
     B, D = logits.shape
     L = mu.shape[1]
     recon = torch.empty(B, dtype=_rows_dtype(logits), device=logits.device)
@@ -94,4 +97,13 @@ def loss_forward(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar
     _loss[(triton.cdiv(B, br),)](logits, x, mu, logvar, recon, kl, *grads, B, D, L, beta_hi, beta_lo,
                                  X_U8=x.dtype == torch.uint8, GAUSSIAN=likelihood == "gaussian", NEED_GRAD=need_grad,
                                  ACC=acc_dtype(logits), ACC_KL=acc_dtype(mu), BLOCK_R=br, BLOCK_D=bd, BLOCK_L=bl)
+    if need_grad and scale != 1.0:  # interface shim: folded into the kernel later
+        for g in grads:
+            g.mul_(scale)
     return (recon, kl, *grads) if need_grad else (recon, kl, None, None, None)
+
+
+def scale_grads(grad_out: torch.Tensor, grads: list[torch.Tensor]) -> None:
+    """Every tensor of `grads` times grad_out (0-dim, or one factor per row) in place (interface shim)."""
+    for t in grads:
+        t.mul_(grad_out if grad_out.dim() == 0 else grad_out.reshape(-1, *([1] * (t.dim() - 1))))

@@ -71,21 +71,24 @@ def _blocks(L: int, block_rows: int | None, block_cols: int | None) -> tuple[int
     return rows, cols
 
 
-def reparam_forward(mu: torch.Tensor, logvar: torch.Tensor, seed: int, k: int, *,
-                    block_rows: int | None = None, block_cols: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z (k, B, L) in mu's dtype, per-row KL (B,) float32, float64 for float64 inputs); contiguous inputs."""
+def reparam_forward(mu: torch.Tensor, logvar: torch.Tensor, seed: int | torch.Tensor, k: int, need_kl: bool = True,
+                    flags: torch.Tensor | None = None, *, block_rows: int | None = None,
+                    block_cols: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(z (k, B, L) in mu's dtype, per-row KL (B,) float32, float64 for float64 inputs, or None); contiguous inputs."""
+    if isinstance(seed, torch.Tensor):  # interface shim: read on the host until the kernel loads it
+        seed = int(seed.item())
     B, L = mu.shape
     z = torch.empty((k, B, L), dtype=mu.dtype, device=mu.device)
     kl = torch.empty(B, dtype=torch.float64 if mu.dtype == torch.float64 else torch.float32, device=mu.device)
     if B == 0 or L == 0:
-        return z, kl.zero_()
+        return z, (kl.zero_() if need_kl else None)
     br, bc = _blocks(L, block_rows, block_cols)
     _forward[(triton.cdiv(B, br),)](mu, logvar, z, kl, seed, B, L, k, ACC=acc_dtype(mu), BLOCK_R=br, BLOCK_L=bc)
-    return z, kl
+    return z, (kl if need_kl else None)
 
 
-def reparam_backward(grad_z: torch.Tensor, grad_kl: torch.Tensor | None, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor, *,
-                     block_rows: int | None = None, block_cols: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def reparam_backward(grad_z: torch.Tensor, grad_kl: torch.Tensor | None, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor,
+                     seed: int | torch.Tensor, k: int, *, block_rows: int | None = None, block_cols: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_mu, grad_logvar) in mu's dtype, in one pass over grad_z and z."""
     k, B, L = z.shape
     grad_mu, grad_logvar = torch.empty_like(mu), torch.empty_like(logvar)

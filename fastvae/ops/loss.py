@@ -10,9 +10,11 @@ sigmoid(l) - x (or 2 (out - x)) and the KL gradients; backward only scales them.
 sum over rows is a fixed-order torch reduction: deterministic.
 
 Backend interface:
-    loss_forward(logits, x, mu, logvar, beta: float, likelihood: str, need_grad: bool)
+    loss_forward(logits, x, mu, logvar, beta: float | Tensor, likelihood: str, need_grad: bool,
+                 scale: float, flags: Tensor | None)
         -> (recon_rows (B,), kl_rows (B,), grad_logits | None, grad_mu | None, grad_logvar | None)
-    where the gradients are those of sum(recon_rows + beta * kl_rows).
+    where the gradients are those of scale * sum(recon_rows + beta * kl_rows).
+    scale_grads(grad_out (0-dim or (B,)), grads: list) -> None: in place, a no-op for a 0-dim one.
 """
 from __future__ import annotations
 
@@ -61,7 +63,7 @@ class _FusedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, impl, logits, x, mu, logvar, beta, likelihood):  # type: ignore[override]
         need_grad = any(ctx.needs_input_grad[i] for i in (1, 3, 4))
-        recon, kl, g_logits, g_mu, g_logvar = impl.loss_forward(logits, x, mu, logvar, beta, likelihood, need_grad)
+        recon, kl, g_logits, g_mu, g_logvar = impl.loss_forward(logits, x, mu, logvar, beta, likelihood, need_grad, 1.0, None)
         # The gradients are intermediates owned by this node: kept as attributes (not saved tensors) so that
         # backward scales them in place instead of allocating another logits-sized tensor.
         ctx.grads = (g_logits, g_mu, g_logvar)

@@ -6,11 +6,12 @@ pass. Backward needs no eps: z - mu = eps * std, which the decoder keeps anyway,
 grad_logvar = 0.5 * grad_z * (z - mu).
 
 Backend interface (``impl`` registered in ``fastvae.backends``):
-    reparam_forward(mu, logvar, seed: int, k: int) -> (z (k, B, L), kl_rows (B,) float32)
-    tensor_seed = True (optional attribute): reparam_forward also takes `seed` as a 0-dim int64
-        tensor on mu's device and reads it in the kernel (CUDA graphs draw it per replay, see
-        new_seed); without it such calls run the PyTorch Philox reference.
-    reparam_backward(grad_z (k, B, L), grad_kl (B,) | None, mu, logvar, z) -> (grad_mu, grad_logvar)
+    reparam_forward(mu, logvar, seed: int | Tensor, k: int, need_kl: bool, flags: Tensor | None)
+        -> (z (k, B, L), kl_rows (B,) float32 | None)
+    tensor_seed = True (optional attribute): the kernel reads a 0-dim int64 device `seed` from
+        device memory (CUDA graphs draw it per replay, see new_seed); without it such calls run
+        the PyTorch Philox reference.
+    reparam_backward(grad_z (k, B, L), grad_kl (B,) | None, mu, logvar, z, seed, k) -> (grad_mu, grad_logvar)
 """
 from __future__ import annotations
 
@@ -67,8 +68,8 @@ def _torch_eps(mu: torch.Tensor, k: int | None, seed: int | None) -> torch.Tenso
 class _FusedReparam(torch.autograd.Function):
     @staticmethod
     def forward(ctx, impl, mu, logvar, seed, k):  # type: ignore[override]
-        z, kl = impl.reparam_forward(mu, logvar, seed, k)
-        ctx.impl = impl
+        z, kl = impl.reparam_forward(mu, logvar, seed, k, True, None)
+        ctx.impl, ctx.seed, ctx.k = impl, seed, k
         ctx.save_for_backward(mu, logvar, z)
         return z, kl
 
@@ -77,7 +78,7 @@ class _FusedReparam(torch.autograd.Function):
         mu, logvar, z = ctx.saved_tensors
         if grad_z is None:
             grad_z = torch.zeros_like(z)
-        grad_mu, grad_logvar = ctx.impl.reparam_backward(grad_z.contiguous(), grad_kl, mu, logvar, z)
+        grad_mu, grad_logvar = ctx.impl.reparam_backward(grad_z.contiguous(), grad_kl, mu, logvar, z, ctx.seed, ctx.k)
         return None, grad_mu, grad_logvar, None, None
 
 
