@@ -1,8 +1,13 @@
 // Argument checks shared by the CPU and CUDA glue (see ops.h).
 #include "ops.h"
 
+#include <atomic>
+#include <limits>
+
 namespace fastvae {
 namespace {
+std::atomic<bool> poison{false};
+
 void check_tensor(const char* name, const at::Tensor& t, at::DeviceType device) {
   TORCH_CHECK(t.defined(), "fastvae: ", name, " is undefined");
   TORCH_CHECK(t.device().type() == device, "fastvae: ", name, " must be a ", c10::DeviceTypeName(device),
@@ -13,6 +18,12 @@ void check_tensor(const char* name, const at::Tensor& t, at::DeviceType device) 
 void check_float(const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
               "fastvae: the C++/CUDA kernels take float32 or float64 ", name, ", got ", t.scalar_type());
+}
+
+void check_scalar(const char* name, const at::Tensor& t, at::ScalarType dtype, const at::Device& device) {
+  TORCH_CHECK(t.dim() == 0 && t.scalar_type() == dtype, "fastvae: ", name, " must be a 0-dim ", dtype,
+              " tensor, got shape ", t.sizes(), " and ", t.scalar_type());
+  TORCH_CHECK(t.device() == device, "fastvae: ", name, " must be on ", device, " (the op's device), got ", t.device());
 }
 }  // namespace
 
@@ -25,13 +36,14 @@ void check_latents(const at::Tensor& mu, const at::Tensor& logvar, at::DeviceTyp
   TORCH_CHECK(mu.scalar_type() == logvar.scalar_type(), "fastvae: mu and logvar must share a dtype");
 }
 
-at::Tensor check_reparam_backward(const at::Tensor& grad_z, const std::optional<at::Tensor>& grad_kl,
-                                  const at::Tensor& mu, const at::Tensor& z) {
+at::Tensor check_reparam_backward(const at::Tensor& grad_z, const OptTensor& grad_kl, const at::Tensor& mu,
+                                  const at::Tensor& z, int64_t k) {
   check_tensor("grad_z", grad_z, mu.device().type());
   check_tensor("z", z, mu.device().type());
-  TORCH_CHECK(z.dim() == 3 && z.size(1) == mu.size(0) && z.size(2) == mu.size(1) && grad_z.sizes() == z.sizes(),
-              "fastvae: z and grad_z must be (k, batch, latent) matching mu ", mu.sizes(), ", got ", z.sizes(), " and ",
-              grad_z.sizes());
+  TORCH_CHECK(z.dim() == 3 && z.size(0) == k && z.size(1) == mu.size(0) && z.size(2) == mu.size(1) &&
+                  grad_z.sizes() == z.sizes(),
+              "fastvae: z and grad_z must be (k=", k, ", batch, latent) matching mu ", mu.sizes(), ", got ", z.sizes(),
+              " and ", grad_z.sizes());
   TORCH_CHECK(z.scalar_type() == mu.scalar_type() && grad_z.scalar_type() == mu.scalar_type(),
               "fastvae: z and grad_z must have mu's dtype");
   if (!grad_kl.has_value() || !grad_kl->defined()) return at::Tensor();
@@ -53,10 +65,20 @@ at::Tensor check_loss(const at::Tensor& logits, const at::Tensor& x, const at::T
   return x.scalar_type() == at::kByte ? x : x.to(logits.scalar_type());
 }
 
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+  if (poison.load(std::memory_order_relaxed)) {
+    t.fill_(at::isFloatingType(t.scalar_type()) ? std::numeric_limits<double>::quiet_NaN() : -7.0);
+  }
+  return t;
+}
+
+void poison_outputs(bool on) { poison.store(on); }
+
 LossOutputs empty_loss_outputs(const at::Tensor& logits, const at::Tensor& mu, bool need_grad) {
   const int64_t rows = logits.size(0);
-  auto grad = [&](const at::Tensor& like) { return need_grad ? at::empty_like(like) : at::empty({0}, like.options()); };
-  return {at::empty({rows}, logits.options()), at::empty({rows}, logits.options()), grad(logits), grad(mu), grad(mu)};
+  auto grad = [&](const at::Tensor& like) { return new_output(need_grad ? like.sizes() : at::IntArrayRef{0}, like.options()); };
+  return {new_output({rows}, logits.options()), new_output({rows}, logits.options()), grad(logits), grad(mu), grad(mu)};
 }
 
 at::Tensor check_to_image(const at::Tensor& values, const at::Tensor& out, at::DeviceType device) {
@@ -67,6 +89,52 @@ at::Tensor check_to_image(const at::Tensor& values, const at::Tensor& out, at::D
   TORCH_CHECK(out.scalar_type() == at::kByte || out.is_floating_point(), "fastvae: out must be uint8 or floating point");
   const bool direct = out.is_contiguous() && (out.scalar_type() == at::kByte || out.scalar_type() == values.scalar_type());
   return direct ? out : at::empty(values.sizes(), values.options().dtype(out.scalar_type() == at::kByte ? at::kByte : values.scalar_type()));
+}
+
+const int64_t* seed_pointer(const OptTensor& seed_t, int64_t seed, const at::Device& device) {
+  if (!seed_t.has_value() || !seed_t->defined()) {
+    TORCH_CHECK(seed >= 0, "fastvae: seed must be >= 0, got ", seed);
+    return nullptr;
+  }
+  check_scalar("seed_t", *seed_t, at::kLong, device);
+  return seed_t->const_data_ptr<int64_t>();
+}
+
+uint64_t host_seed(const OptTensor& seed_t, int64_t seed) {
+  const int64_t* p = seed_pointer(seed_t, seed, at::Device(at::kCPU));
+  const int64_t value = p != nullptr ? *p : seed;
+  TORCH_CHECK(value >= 0, "fastvae: seed_t must hold a seed >= 0, got ", value);
+  return static_cast<uint64_t>(value);
+}
+
+const double* beta_pointer(const OptTensor& beta_t, const at::Device& device) {
+  if (!beta_t.has_value() || !beta_t->defined()) return nullptr;
+  check_scalar("beta_t", *beta_t, at::kDouble, device);
+  return beta_t->const_data_ptr<double>();
+}
+
+int32_t* flag_word(const OptTensor& flags, const at::Device& device) {
+  if (!flags.has_value() || !flags->defined()) return nullptr;
+  TORCH_CHECK(flags->scalar_type() == at::kInt && flags->numel() == 1 && flags->dim() == 1,
+              "fastvae: flags must be an int32 tensor of shape (1,), got ", flags->scalar_type(), " ", flags->sizes());
+  TORCH_CHECK(flags->device() == device, "fastvae: flags must be on ", device, " (the op's device), got ", flags->device());
+  return flags->data_ptr<int32_t>();
+}
+
+void check_scale_grads(const at::Tensor& grad_out, at::TensorList grads, at::DeviceType device) {
+  TORCH_CHECK(grad_out.defined() && grad_out.device().type() == device, "fastvae: grad_out must be a ",
+              c10::DeviceTypeName(device), " tensor");
+  TORCH_CHECK(grad_out.scalar_type() == at::kFloat || grad_out.scalar_type() == at::kDouble,
+              "fastvae: grad_out must be float32 or float64, got ", grad_out.scalar_type());
+  TORCH_CHECK(grad_out.dim() <= 1, "fastvae: grad_out must be 0-dim or (batch,), got ", grad_out.sizes());
+  for (const at::Tensor& g : grads) {
+    check_tensor("grads[i]", g, device);
+    check_float("grads[i]", g);
+    TORCH_CHECK(g.device() == grad_out.device(), "fastvae: grads must be on grad_out's device");
+    TORCH_CHECK(grad_out.dim() == 0 || (g.dim() >= 1 && g.size(0) == grad_out.numel()),
+                "fastvae: a per-row grad_out ", grad_out.sizes(), " needs grads of ", grad_out.numel(), " rows, got ",
+                g.sizes());
+  }
 }
 
 }  // namespace fastvae

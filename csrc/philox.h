@@ -56,6 +56,33 @@ FASTVAE_HD float box_muller_radius(float u1) {
   return sqrtf(-2.0f * logf(u1 < kMinUniform ? kMinUniform : u1));
 }
 
+// sin and cos of Box-Muller's angle th in [0, 2 pi] at once (the CPU kernels run the same steps on
+// vectors): quadrant q = round(th / (pi/2)), r = th - q pi/2 in three exact parts (Cody-Waite),
+// Cephes' minimax polynomials on [-pi/4, pi/4] (about 1 ulp), then the quadrant's swap and signs.
+// Exact range reduction for this range, so no slow path (CUDA's sinf/cosf keep one for huge
+// arguments, with local memory).
+namespace sincos_coef {
+constexpr float kTwoOverPi = 0.636619772367581343f;
+constexpr float kPiO2Hi = 1.5703125f, kPiO2Mid = 4.837512969970703125e-4f, kPiO2Lo = 7.54978995489188216e-8f;
+constexpr float kS1 = -1.6666654611e-1f, kS2 = 8.3321608736e-3f, kS3 = -1.9515295891e-4f;
+constexpr float kC1 = 4.166664568298827e-2f, kC2 = -1.388731625493765e-3f, kC3 = 2.443315711809948e-5f;
+}  // namespace sincos_coef
+
+FASTVAE_HD void sincos_angle(float th, float* s, float* c) {
+  using namespace sincos_coef;
+  const float q = rintf(th * kTwoOverPi);
+  float r = fmaf(q, -kPiO2Hi, th);
+  r = fmaf(q, -kPiO2Mid, r);
+  r = fmaf(q, -kPiO2Lo, r);
+  const float r2 = r * r;
+  const float ps = fmaf(r * r2, fmaf(fmaf(kS3, r2, kS2), r2, kS1), r);
+  const float pc = fmaf(r2 * r2, fmaf(fmaf(kC3, r2, kC2), r2, kC1), fmaf(r2, -0.5f, 1.0f));
+  const int m = static_cast<int>(q) & 3;
+  const float sv = (m & 1) ? pc : ps, cv = (m & 1) ? ps : pc;
+  *s = (m & 2) ? -sv : sv;
+  *c = ((m + 1) & 2) ? -cv : cv;
+}
+
 // The four normals of counter `counter` (lanes 0..3) in `out`.
 FASTVAE_HD void philox_normal4(uint64_t seed, uint64_t counter, float out[4]) {
   uint32_t w[4];
@@ -65,9 +92,10 @@ FASTVAE_HD void philox_normal4(uint64_t seed, uint64_t counter, float out[4]) {
 #endif
   for (int pair = 0; pair < 2; ++pair) {
     const float r = box_muller_radius(uniform_from_word(w[2 * pair]));
-    const float th = kTwoPi * uniform_from_word(w[2 * pair + 1]);
-    out[2 * pair] = r * cosf(th);
-    out[2 * pair + 1] = r * sinf(th);
+    float s, c;
+    sincos_angle(kTwoPi * uniform_from_word(w[2 * pair + 1]), &s, &c);
+    out[2 * pair] = r * c;
+    out[2 * pair + 1] = r * s;
   }
 }
 

@@ -64,20 +64,24 @@ def _register_fakes() -> None:
         return torch.library.register_fake(f"fastvae::{name}")
 
     @lib("reparam_forward")
-    def _(mu, logvar, seed, k):
-        return mu.new_empty((k, *mu.shape)), mu.new_empty(mu.shape[:1])
+    def _(mu, logvar, seed_t, seed, k, need_kl, flags):
+        return mu.new_empty((k, *mu.shape)), mu.new_empty(mu.shape[:1] if need_kl else (0,))
 
     @lib("reparam_backward")
-    def _(grad_z, grad_kl, mu, logvar, z):
+    def _(grad_z, grad_kl, mu, logvar, z, seed_t, seed, k):
         return torch.empty_like(mu), torch.empty_like(logvar)
 
     @lib("loss_forward")
-    def _(logits, x, mu, logvar, beta, gaussian, need_grad):
+    def _(logits, x, mu, logvar, beta_t, beta, gaussian, need_grad, scale, flags):
         rows = logits.shape[:1]
 
         def grad(like: torch.Tensor) -> torch.Tensor:
             return torch.empty_like(like) if need_grad else like.new_empty((0,))
         return logits.new_empty(rows), logits.new_empty(rows), grad(logits), grad(mu), grad(mu)
+
+    @lib("scale_grads")
+    def _(grad_out, grads):
+        return None
 
     @lib("to_image")
     def _(values, out, from_logits):
@@ -88,8 +92,16 @@ def _dtype_reason(t: torch.Tensor) -> str | None:
     return None if t.dtype in SUPPORTED else f"the C++/CUDA kernels take float32 or float64, got {t.dtype}"
 
 
+def _seed_args(seed: int | torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    """(seed_t, seed) of the op schemas: a 0-dim int64 tensor is read by the kernel, an int passed as is."""
+    return (seed, 0) if isinstance(seed, torch.Tensor) else (None, int(seed))
+
+
 class _Reparam:
-    """fastvae.ops.reparam's backend interface."""
+    """fastvae.ops.reparam's backend interface. The CPU backward uses z - mu = eps * std (float32/float64);
+    the CUDA backward draws eps again from (seed, index) and does not read z."""
+
+    tensor_seed = True  # a 0-dim int64 seed tensor is read by the kernel (CUDA: from device memory)
 
     @staticmethod
     def unsupported(mu: torch.Tensor, logvar: torch.Tensor) -> str | None:
@@ -98,14 +110,12 @@ class _Reparam:
     @staticmethod
     def reparam_forward(mu: torch.Tensor, logvar: torch.Tensor, seed: int | torch.Tensor, k: int, need_kl: bool = True,
                         flags: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if isinstance(seed, torch.Tensor):  # interface shim: read on the host until the kernel loads it
-            seed = int(seed.item())
-        z, kl = torch.ops.fastvae.reparam_forward(mu, logvar, seed, k)
+        z, kl = torch.ops.fastvae.reparam_forward(mu, logvar, *_seed_args(seed), k, bool(need_kl), flags)
         return z, (kl if need_kl else None)
 
     @staticmethod
     def reparam_backward(grad_z, grad_kl, mu, logvar, z, seed: int | torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.ops.fastvae.reparam_backward(grad_z, grad_kl, mu, logvar, z)
+        return torch.ops.fastvae.reparam_backward(grad_z, grad_kl, mu, logvar, z, *_seed_args(seed), k)
 
 
 class _Loss:
@@ -120,24 +130,21 @@ class _Loss:
     @staticmethod
     def loss_forward(logits, x, mu, logvar, beta: float | torch.Tensor, likelihood: str, need_grad: bool, scale: float = 1.0,
                      flags: torch.Tensor | None = None):
-        if isinstance(beta, torch.Tensor):  # interface shim: read on the host until the kernel loads it
-            beta = float(beta.item())
+        if isinstance(beta, torch.Tensor):  # read by the kernel (CUDA: from device memory)
+            beta_t, beta = beta.to(torch.float64), 0.0
+        else:
+            beta_t, beta = None, float(beta)
         recon, kl, g_logits, g_mu, g_logvar = torch.ops.fastvae.loss_forward(
-            logits, x, mu, logvar, float(beta), likelihood == "gaussian", bool(need_grad))
+            logits, x, mu, logvar, beta_t, beta, likelihood == "gaussian", bool(need_grad), float(scale), flags)
         if not need_grad:
             return recon, kl, None, None, None
-        if scale != 1.0:  # interface shim: folded into the kernel later
-            for g in (g_logits, g_mu, g_logvar):
-                g.mul_(scale)
         return recon, kl, g_logits, g_mu, g_logvar
 
     @staticmethod
     def scale_grads(grad_out: torch.Tensor, grads: list[torch.Tensor]) -> None:
-        """Every tensor of `grads` times grad_out (0-dim, or one factor per row) in place (interface shim)."""
-        if grad_out.dim() == 0 and grad_out.device.type == "cpu" and float(grad_out) == 1.0:
-            return
-        for t in grads:
-            t.mul_(grad_out if grad_out.dim() == 0 else grad_out.reshape(-1, *([1] * (t.dim() - 1))))
+        """Every tensor of `grads` times grad_out (0-dim, or one factor per row) in place; a 0-dim 1 touches
+        nothing (CUDA: checked on the device, no sync)."""
+        torch.ops.fastvae.scale_grads(grad_out, list(grads))
 
 
 class _Decode:

@@ -107,13 +107,22 @@ def test_vae_loss_cpp_equals_torch_with_the_same_seed(monkeypatch):
 def test_fake_implementations_pass_opcheck():
     mu, logvar = torch.randn(5, 3), torch.randn(5, 3)
     logits, x, _, _ = inputs(rows=5, latent=3)
-    z, _ = torch.ops.fastvae.reparam_forward(mu, logvar, 1, 2)
-    checks = ("test_schema", "test_faketensor")
-    torch.library.opcheck(torch.ops.fastvae.reparam_forward, (mu, logvar, 1, 2), test_utils=checks)
-    torch.library.opcheck(torch.ops.fastvae.reparam_backward, (torch.randn_like(z), torch.randn(5), mu, logvar, z), test_utils=checks)
+    flags, seed_t, beta_t = torch.zeros(1, dtype=torch.int32), torch.tensor(7), torch.tensor(0.5, dtype=torch.float64)
+    checks = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
+    ops = torch.ops.fastvae
+    for seed_args in ((None, 1), (seed_t, 0)):
+        for need_kl, flag in ((True, flags), (False, None)):
+            torch.library.opcheck(ops.reparam_forward, (mu, logvar, *seed_args, 2, need_kl, flag), test_utils=checks)
+        z, _ = ops.reparam_forward(mu, logvar, *seed_args, 2, True, None)
+        for grad_kl in (torch.randn(5), None):
+            torch.library.opcheck(ops.reparam_backward, (torch.randn_like(z), grad_kl, mu, logvar, z, *seed_args, 2), test_utils=checks)
     for need_grad in (True, False):
-        torch.library.opcheck(torch.ops.fastvae.loss_forward, (logits, x, mu, logvar, 1.0, False, need_grad), test_utils=checks)
-    torch.library.opcheck(torch.ops.fastvae.to_image, (logits, torch.empty(logits.shape, dtype=torch.uint8), True), test_utils=checks)
+        for beta_args, flag in (((None, 1.0), flags), ((beta_t, 0.0), None)):
+            args = (logits, x, mu, logvar, *beta_args, False, need_grad, 0.25, flag)
+            torch.library.opcheck(ops.loss_forward, args, test_utils=checks)
+    for grad_out in (torch.tensor(1.0), torch.tensor(3.0), torch.rand(5)):
+        torch.library.opcheck(ops.scale_grads, (grad_out, [torch.randn(5, 30), torch.randn(5, 3)]), test_utils=checks)
+    torch.library.opcheck(ops.to_image, (logits, torch.empty(logits.shape, dtype=torch.uint8), True), test_utils=checks)
 
 
 def test_torch_compile_traces_the_ops():

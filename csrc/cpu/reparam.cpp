@@ -1,13 +1,19 @@
 // Fused reparameterisation + KL on the CPU: z = mu + exp(0.5 logvar) * eps for k samples with eps
-// drawn from Philox per tile (never stored), and the per-row KL, in one pass over mu and logvar.
+// drawn from Philox per tile (vectorised: 8 counters per AVX2 call, one sincos per Box-Muller
+// pair; never stored), the per-row KL and the value checks of mu and logvar, in one pass.
+//
+// Backward uses z - mu = eps * std (z is saved anyway) instead of drawing eps again: the draw is
+// most of the forward's cost, and z - mu is exact to float rounding for float32/float64 (this
+// kernel's dtypes); the GPU kernels regenerate eps (exact under bf16, no z read).
 #include "common.h"
 
 namespace fastvae::cpu {
 
 template <typename T>
 struct ReparamForwardArgs {
-  const T* mu; const T* logvar; T* z; T* kl;
+  const T* mu; const T* logvar; T* z; T* kl;  // kl null when not needed
   int64_t rows, dim, k; uint64_t seed;
+  FlagSink* flags;  // null: no value checks
 };
 
 template <typename T>
@@ -19,23 +25,62 @@ struct ReparamBackwardArgs {
 
 namespace FASTVAE_ISA {
 
-constexpr int64_t kTile = 2048;  // elements of mu per tile: eps and std buffers stay in L1/L2
+constexpr int64_t kTile = 1024;    // elements per tile: the eps, std and KL-term buffers stay in L1
+constexpr int64_t kGrain = 16384;  // elements per parallel task: smaller calls run on one thread
+
+template <typename T>
+T row_sum(const T* p, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  Vec<T> acc(0);
+  for (int64_t j = 0; j < n; j += W) acc = acc + load(p + j, std::min(W, n - j));
+  return sum_lanes(acc);
+}
 
 template <typename T>
 void reparam_forward(const ReparamForwardArgs<T>& a) {
-  const int64_t L = a.dim, BL = a.rows * a.dim, tile_rows = std::max<int64_t>(1, kTile / L);
-  at::parallel_for(0, a.rows, tile_rows, [&](int64_t b0, int64_t b1) {
-    std::vector<T> stdev(tile_rows * L), eps(tile_rows * L);
+  constexpr int64_t W = Vec<T>::size();
+  const int64_t L = a.dim, BL = a.rows * L, tile_rows = std::max<int64_t>(1, kTile / L);
+  at::parallel_for(0, a.rows, std::max<int64_t>(1, kGrain / L), [&](int64_t b0, int64_t b1) {
+    const int64_t cap = tile_rows * L;
+    std::vector<float> buf(normals_capacity(cap));
+    std::vector<T> stdev(a.k > 1 ? cap : 0), terms(a.kl != nullptr ? cap : 0), eps64(std::is_same_v<T, float> ? 0 : cap);
+    LatentCheck<T> check;
     for (int64_t r0 = b0; r0 < b1; r0 += tile_rows) {
       const int64_t r1 = std::min(b1, r0 + tile_rows), n = (r1 - r0) * L, base = r0 * L;
-      for (int64_t r = r0; r < r1; ++r) a.kl[r] = kl_row(a.mu + r * L, a.logvar + r * L, L);
-      at::vec::map([](Vec<T> v) { return (v * Vec<T>(0.5)).exp(); }, stdev.data(), a.logvar + base, n);
+      const T* mu = a.mu + base;
+      const T* lv = a.logvar + base;
       for (int64_t s = 0; s < a.k; ++s) {
-        fill_randn(a.seed, static_cast<uint64_t>(s * BL + base), n, eps.data());
-        at::vec::map3([](Vec<T> m, Vec<T> e, Vec<T> sd) { return m + e * sd; },
-                      a.z + s * BL + base, a.mu + base, eps.data(), stdev.data(), n);
+        const float* e32 = normals(a.seed, static_cast<uint64_t>(s * BL + base), n, buf.data());
+        const T* eps;
+        if constexpr (std::is_same_v<T, float>) {
+          eps = e32;
+        } else {
+          at::vec::convert(e32, eps64.data(), n);
+          eps = eps64.data();
+        }
+        T* z = a.z + s * BL + base;
+        if (s > 0) {
+          for (int64_t j = 0; j < n; j += W) {
+            const int64_t c = std::min(W, n - j);
+            store(at::vec::fmadd(load(eps + j, c), load(stdev.data() + j, c), load(mu + j, c)), z + j, c);
+          }
+          continue;
+        }
+        for (int64_t j = 0; j < n; j += W) {
+          const int64_t c = std::min(W, n - j);
+          const Vec<T> m = load(mu + j, c), v = load(lv + j, c), sd = (v * Vec<T>(0.5)).exp();
+          store(at::vec::fmadd(load(eps + j, c), sd, m), z + j, c);
+          if (a.k > 1) store(sd, stdev.data() + j, c);
+          // exp(lv) as std^2: one exp per element (equal to float rounding, and inf where exp(lv) is)
+          if (a.kl != nullptr) store(Vec<T>(1) + v - m * m - sd * sd, terms.data() + j, c);
+          if (a.flags != nullptr) check.add(m, v);
+        }
+        if (a.kl != nullptr) {
+          for (int64_t r = r0; r < r1; ++r) a.kl[r] = T(-0.5) * row_sum(terms.data() + (r - r0) * L, L);
+        }
       }
     }
+    if (a.flags != nullptr) a.flags->add(check.bits());
   });
 }
 
@@ -43,24 +88,43 @@ void reparam_forward(const ReparamForwardArgs<T>& a) {
 template <typename T>
 void reparam_backward(const ReparamBackwardArgs<T>& a) {
   constexpr int64_t W = Vec<T>::size();
-  const int64_t L = a.dim, BL = a.rows * a.dim;
-  at::parallel_for(0, a.rows, std::max<int64_t>(1, 4096 / L), [&](int64_t b0, int64_t b1) {
-    for (int64_t r = b0; r < b1; ++r) {
-      const Vec<T> gk(a.grad_kl != nullptr ? a.grad_kl[r] : T(0));
-      for (int64_t j = r * L, end = (r + 1) * L; j < end; j += W) {
-        const int64_t c = std::min(W, end - j);
-        const Vec<T> m = load(a.mu + j, c), v = load(a.logvar + j, c);
-        Vec<T> gm = gk * m, gl(0);
+  const int64_t L = a.dim, BL = a.rows * L, tile_rows = std::max<int64_t>(1, kTile / L);
+  at::parallel_for(0, a.rows, std::max<int64_t>(1, kGrain / L), [&](int64_t b0, int64_t b1) {
+    std::vector<T> gk(a.grad_kl != nullptr ? tile_rows * L : 0);  // grad_kl per element of the tile
+    for (int64_t r0 = b0; r0 < b1; r0 += tile_rows) {
+      const int64_t r1 = std::min(b1, r0 + tile_rows), n = (r1 - r0) * L, base = r0 * L;
+      if (a.grad_kl != nullptr) {
+        for (int64_t r = r0; r < r1; ++r) std::fill_n(gk.data() + (r - r0) * L, L, a.grad_kl[r]);
+      }
+      for (int64_t j = 0; j < n; j += W) {
+        const int64_t c = std::min(W, n - j), i = base + j;
+        const Vec<T> m = load(a.mu + i, c);
+        Vec<T> gm(0), gl(0);
         for (int64_t s = 0; s < a.k; ++s) {
-          const Vec<T> g = load(a.grad_z + s * BL + j, c);
+          const Vec<T> g = load(a.grad_z + s * BL + i, c);
           gm = gm + g;
-          gl = gl + g * (load(a.z + s * BL + j, c) - m);
+          gl = at::vec::fmadd(g, load(a.z + s * BL + i, c) - m, gl);
         }
-        store(gm, a.grad_mu + j, c);
-        store((gl + gk * (v.exp() - Vec<T>(1))) * Vec<T>(0.5), a.grad_logvar + j, c);
+        if (a.grad_kl != nullptr) {
+          const Vec<T> g = load(gk.data() + j, c);
+          gm = at::vec::fmadd(g, m, gm);
+          gl = at::vec::fmadd(g, load(a.logvar + i, c).exp() - Vec<T>(1), gl);
+        }
+        store(gm, a.grad_mu + i, c);
+        store(gl * Vec<T>(0.5), a.grad_logvar + i, c);
       }
     }
   });
+}
+
+// Test hook: the Philox words of `counters` counters from `first`, as this copy computes them.
+void philox_words(uint64_t seed, uint64_t first, int64_t counters, int64_t* out) {
+  for (int64_t c = 0; c < counters; c += kCountersPerBatch) {
+    alignas(32) uint32_t w[4][kCountersPerBatch];
+    philox_batch(seed, first + c, w);
+    for (int64_t j = 0; j < std::min(kCountersPerBatch, counters - c); ++j)
+      for (int i = 0; i < 4; ++i) out[4 * (c + j) + i] = w[i][j];
+  }
 }
 
 template void reparam_forward<float>(const ReparamForwardArgs<float>&);
@@ -79,36 +143,62 @@ namespace fastvae::cpu {
 namespace avx2 {
 template <typename T> void reparam_forward(const ReparamForwardArgs<T>&);
 template <typename T> void reparam_backward(const ReparamBackwardArgs<T>&);
+void philox_words(uint64_t seed, uint64_t first, int64_t counters, int64_t* out);
 }  // namespace avx2
 #endif
 
-std::tuple<at::Tensor, at::Tensor> reparam_forward(const at::Tensor& mu, const at::Tensor& logvar, int64_t seed, int64_t k) {
+std::tuple<at::Tensor, at::Tensor> reparam_forward(const at::Tensor& mu, const at::Tensor& logvar, const OptTensor& seed_t,
+                                                   int64_t seed, int64_t k, bool need_kl, const OptTensor& flags) {
   check_latents(mu, logvar, at::kCPU);
   TORCH_CHECK(k >= 1, "fastvae::reparam_forward: k must be >= 1, got ", k);
-  TORCH_CHECK(seed >= 0, "fastvae::reparam_forward: seed must be >= 0, got ", seed);
-  auto z = at::empty({k, mu.size(0), mu.size(1)}, mu.options());
-  auto kl = at::empty({mu.size(0)}, mu.options());
+  const uint64_t stream = host_seed(seed_t, seed);
+  int32_t* word = flag_word(flags, mu.device());
+  auto z = new_output({k, mu.size(0), mu.size(1)}, mu.options());
+  auto kl = new_output({need_kl ? mu.size(0) : 0}, mu.options());
+  FlagSink sink;
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "fastvae_reparam_forward_cpu", [&] {
     const ReparamForwardArgs<scalar_t> args{mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
-                                            kl.data_ptr<scalar_t>(), mu.size(0), mu.size(1), k, static_cast<uint64_t>(seed)};
+                                            need_kl ? kl.data_ptr<scalar_t>() : nullptr, mu.size(0), mu.size(1), k, stream,
+                                            word != nullptr ? &sink : nullptr};
     FASTVAE_CPU_RUN(reparam_forward, args);
   });
+  sink.commit(word);
   return {z, kl};
 }
 
-std::tuple<at::Tensor, at::Tensor> reparam_backward(const at::Tensor& grad_z, const std::optional<at::Tensor>& grad_kl,
-                                                    const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& z) {
+std::tuple<at::Tensor, at::Tensor> reparam_backward(const at::Tensor& grad_z, const OptTensor& grad_kl, const at::Tensor& mu,
+                                                    const at::Tensor& logvar, const at::Tensor& z, const OptTensor& seed_t,
+                                                    int64_t seed, int64_t k) {
   check_latents(mu, logvar, at::kCPU);
-  const at::Tensor gk = check_reparam_backward(grad_z, grad_kl, mu, z);
-  auto grad_mu = at::empty_like(mu), grad_logvar = at::empty_like(logvar);
+  seed_pointer(seed_t, seed, mu.device());  // validated only: this backward reads z, not the stream
+  const at::Tensor gk = check_reparam_backward(grad_z, grad_kl, mu, z, k);
+  auto grad_mu = new_output(mu.sizes(), mu.options()), grad_logvar = new_output(mu.sizes(), mu.options());
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "fastvae_reparam_backward_cpu", [&] {
     const ReparamBackwardArgs<scalar_t> args{grad_z.data_ptr<scalar_t>(), gk.defined() ? gk.data_ptr<scalar_t>() : nullptr,
                                              mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
                                              grad_mu.data_ptr<scalar_t>(), grad_logvar.data_ptr<scalar_t>(),
-                                             mu.size(0), mu.size(1), z.size(0)};
+                                             mu.size(0), mu.size(1), k};
     FASTVAE_CPU_RUN(reparam_backward, args);
   });
   return {grad_mu, grad_logvar};
+}
+
+at::Tensor philox_words(int64_t seed, int64_t first, int64_t counters) {
+  TORCH_CHECK(seed >= 0 && first >= 0 && counters >= 0, "fastvae: philox_words needs non-negative arguments");
+  auto out = at::empty({counters, 4}, at::kLong);
+#if FASTVAE_HAVE_AVX2_COPY
+  if (use_avx2()) {
+    avx2::philox_words(static_cast<uint64_t>(seed), static_cast<uint64_t>(first), counters, out.data_ptr<int64_t>());
+    return out;
+  }
+#endif
+  base::philox_words(static_cast<uint64_t>(seed), static_cast<uint64_t>(first), counters, out.data_ptr<int64_t>());
+  return out;
+}
+
+void force_isa(int which) {
+  TORCH_CHECK(which >= -1 && which <= 1, "fastvae: force_isa takes -1, 0 or 1, got ", which);
+  isa_override.store(which);
 }
 
 }  // namespace fastvae::cpu
