@@ -15,4 +15,11 @@ inline void check_launch(cudaError_t err) {
 
 inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+// Streaming multiprocessors of `device` (an attribute query: no sync, fine during graph capture).
+inline int multiprocessors(int device) {
+  int count = 0;
+  check_launch(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
 }  // namespace fastvae::cuda

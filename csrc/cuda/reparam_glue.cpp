@@ -3,31 +3,38 @@
 
 namespace fastvae::cuda {
 
-std::tuple<at::Tensor, at::Tensor> reparam_forward(const at::Tensor& mu, const at::Tensor& logvar, int64_t seed, int64_t k) {
+std::tuple<at::Tensor, at::Tensor> reparam_forward(const at::Tensor& mu, const at::Tensor& logvar, const OptTensor& seed_t,
+                                                   int64_t seed, int64_t k, bool need_kl, const OptTensor& flags) {
   check_latents(mu, logvar, at::kCUDA);
-  TORCH_CHECK(k >= 1 && seed >= 0, "fastvae::reparam_forward: need k >= 1 and seed >= 0, got ", k, " and ", seed);
+  TORCH_CHECK(k >= 1, "fastvae::reparam_forward: k must be >= 1, got ", k);
+  const int64_t* seed_ptr = seed_pointer(seed_t, seed, mu.device());
+  int32_t* word = flag_word(flags, mu.device());
   const c10::cuda::CUDAGuard guard(mu.device());
-  auto z = at::empty({k, mu.size(0), mu.size(1)}, mu.options());
-  auto kl = at::empty({mu.size(0)}, mu.options());
+  auto z = new_output({k, mu.size(0), mu.size(1)}, mu.options());
+  auto kl = new_output({need_kl ? mu.size(0) : 0}, mu.options());
+  if (mu.numel() == 0) return {z, kl};
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "fastvae_reparam_forward_cuda", [&] {
     check_launch(launch_reparam_forward(mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
-                                        kl.data_ptr<scalar_t>(), mu.size(0), mu.size(1), k, static_cast<uint64_t>(seed),
-                                        stream()));
+                                        need_kl ? kl.data_ptr<scalar_t>() : nullptr, mu.size(0), mu.size(1), k, seed_ptr,
+                                        static_cast<uint64_t>(seed), word, stream()));
   });
   return {z, kl};
 }
 
-std::tuple<at::Tensor, at::Tensor> reparam_backward(const at::Tensor& grad_z, const std::optional<at::Tensor>& grad_kl,
-                                                    const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& z) {
+std::tuple<at::Tensor, at::Tensor> reparam_backward(const at::Tensor& grad_z, const OptTensor& grad_kl, const at::Tensor& mu,
+                                                    const at::Tensor& logvar, const at::Tensor& z, const OptTensor& seed_t,
+                                                    int64_t seed, int64_t k) {
   check_latents(mu, logvar, at::kCUDA);
-  const at::Tensor gk = check_reparam_backward(grad_z, grad_kl, mu, z);
+  const at::Tensor gk = check_reparam_backward(grad_z, grad_kl, mu, z, k);  // z: shape only, never read
+  const int64_t* seed_ptr = seed_pointer(seed_t, seed, mu.device());
   const c10::cuda::CUDAGuard guard(mu.device());
-  auto grad_mu = at::empty_like(mu), grad_logvar = at::empty_like(logvar);
+  auto grad_mu = new_output(mu.sizes(), mu.options()), grad_logvar = new_output(mu.sizes(), mu.options());
+  if (mu.numel() == 0) return {grad_mu, grad_logvar};
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "fastvae_reparam_backward_cuda", [&] {
     check_launch(launch_reparam_backward(grad_z.data_ptr<scalar_t>(), gk.defined() ? gk.data_ptr<scalar_t>() : nullptr,
-                                         mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
-                                         grad_mu.data_ptr<scalar_t>(), grad_logvar.data_ptr<scalar_t>(), mu.size(0),
-                                         mu.size(1), z.size(0), stream()));
+                                         mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(), grad_mu.data_ptr<scalar_t>(),
+                                         grad_logvar.data_ptr<scalar_t>(), mu.size(0), mu.size(1), k, seed_ptr,
+                                         static_cast<uint64_t>(seed), stream()));
   });
   return {grad_mu, grad_logvar};
 }
