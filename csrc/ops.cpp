@@ -43,6 +43,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("FLAGS") = flags;
   m.attr("MAX_LOGVAR") = fastvae::MAX_LOGVAR;
   m.def("_philox_words", &fastvae::cpu::philox_words, "test hook: Philox words (counters, 4) of the running CPU copy");
+  m.def("_philox_normals", &fastvae::cpu::philox_normals, "test hook: the CUDA kernels' scalar normals, run on the host");
   m.def("_poison_outputs", &fastvae::poison_outputs, "test hook: fill every output the ops allocate with NaN first");
   m.def("_force_isa", &fastvae::cpu::force_isa, "test hook: -1 CPU capability decides, 0 baseline copy, 1 AVX2 copy");
 }

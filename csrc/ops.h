@@ -61,6 +61,8 @@ FASTVAE_OP_DECLARATIONS
 // Test hooks (fastvae._C): the Philox words (counters, 4) as the running CPU copy computes them, and
 // which copy runs (-1: by CPU capability, 0: baseline, 1: AVX2 where the CPU has it).
 at::Tensor philox_words(int64_t seed, int64_t first, int64_t counters);
+// The GPU kernels' scalar path (philox.h's philox_normals_at), compiled for the host: stream values first .. first + n - 1.
+at::Tensor philox_normals(int64_t seed, int64_t first, int64_t n);
 void force_isa(int which);
 }  // namespace cpu
 namespace cuda { FASTVAE_OP_DECLARATIONS }

@@ -99,4 +99,19 @@ FASTVAE_HD void philox_normal4(uint64_t seed, uint64_t counter, float out[4]) {
   }
 }
 
+// Stream values i0 .. i0 + 3 at any offset: one Philox call when i0 % 4 == 0, else two (the
+// window of 8 values shifted by i0 % 4 with selects, no indexing into a local array).
+FASTVAE_HD void philox_normals_at(uint64_t seed, uint64_t i0, float eps[4]) {
+  const int o = static_cast<int>(i0 & 3);
+  philox_normal4(seed, i0 >> 2, eps);
+  if (o == 0) return;
+  float b[4];
+  philox_normal4(seed, (i0 >> 2) + 1, b);
+  const float w1 = eps[1], w2 = eps[2], w3 = eps[3];
+  eps[0] = o == 1 ? w1 : (o == 2 ? w2 : w3);
+  eps[1] = o == 1 ? w2 : (o == 2 ? w3 : b[0]);
+  eps[2] = o == 1 ? w3 : (o == 2 ? b[0] : b[1]);
+  eps[3] = o == 1 ? b[0] : (o == 2 ? b[1] : b[2]);
+}
+
 }  // namespace fastvae

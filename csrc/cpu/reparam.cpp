@@ -196,6 +196,18 @@ at::Tensor philox_words(int64_t seed, int64_t first, int64_t counters) {
   return out;
 }
 
+at::Tensor philox_normals(int64_t seed, int64_t first, int64_t n) {
+  TORCH_CHECK(seed >= 0 && first >= 0 && n >= 0, "fastvae: philox_normals needs non-negative arguments");
+  auto out = at::empty({n}, at::kFloat);
+  float* p = out.data_ptr<float>();
+  for (int64_t i = 0; i < n; i += 4) {
+    float eps[4];
+    philox_normals_at(static_cast<uint64_t>(seed), static_cast<uint64_t>(first + i), eps);
+    for (int64_t e = 0; e < std::min<int64_t>(4, n - i); ++e) p[i + e] = eps[e];
+  }
+  return out;
+}
+
 void force_isa(int which) {
   TORCH_CHECK(which >= -1 && which <= 1, "fastvae: force_isa takes -1, 0 or 1, got ", which);
   isa_override.store(which);

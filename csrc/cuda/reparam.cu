@@ -24,21 +24,6 @@ __device__ __forceinline__ uint64_t read_seed(const int64_t* seed_ptr, uint64_t 
   return seed_ptr != nullptr ? static_cast<uint64_t>(__ldg(seed_ptr)) : seed;
 }
 
-// Normals of stream indices i0 .. i0 + 3 (any alignment): one Philox call when i0 % 4 == 0, else two.
-__device__ __forceinline__ void normals4(uint64_t seed, int64_t i0, float eps[4]) {
-  const int o = static_cast<int>(i0 & 3);
-  philox_normal4(seed, static_cast<uint64_t>(i0 >> 2), eps);
-  if (o == 0) return;
-  float b[4];
-  philox_normal4(seed, static_cast<uint64_t>(i0 >> 2) + 1, b);
-  // shift the 8-value window left by o (selects on registers, no local-memory indexing)
-  const float w1 = eps[1], w2 = eps[2], w3 = eps[3];
-  eps[0] = o == 1 ? w1 : (o == 2 ? w2 : w3);
-  eps[1] = o == 1 ? w2 : (o == 2 ? w3 : b[0]);
-  eps[2] = o == 1 ? w3 : (o == 2 ? b[0] : b[1]);
-  eps[3] = o == 1 ? b[0] : (o == 2 ? b[1] : b[2]);
-}
-
 template <typename T>
 __global__ void reparam_forward_kernel(
     const T* __restrict__ mu, const T* __restrict__ logvar, T* __restrict__ z, T* __restrict__ kl, int64_t rows,
@@ -127,7 +112,7 @@ __global__ void reparam_backward_kernel(
     for (int64_t s = 0; s < k; ++s) {
       const int64_t i0 = s * n + j0;
       float eps[4];
-      normals4(seed, i0, eps);
+      philox_normals_at(seed, static_cast<uint64_t>(i0), eps);
       A gz[4];
       if (full) {
         const Pack4<T> p = load4(grad_z + i0);
