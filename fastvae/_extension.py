@@ -98,14 +98,22 @@ def _seed_args(seed: int | torch.Tensor) -> tuple[torch.Tensor | None, int]:
 
 
 class _Reparam:
-    """fastvae.ops.reparam's backend interface. The CPU backward uses z - mu = eps * std (float32/float64);
-    the CUDA backward draws eps again from (seed, index) and does not read z."""
+    """fastvae.ops.reparam's backend interface. The CPU backward uses z - mu = eps * std (float32/float64;
+    drawing eps again would cost more than the whole backward there); the CUDA backward draws eps again
+    from (seed, index) and does not read z."""
 
     tensor_seed = True  # a 0-dim int64 seed tensor is read by the kernel (CUDA: from device memory)
 
     @staticmethod
     def unsupported(mu: torch.Tensor, logvar: torch.Tensor) -> str | None:
         return _dtype_reason(mu)
+
+    @staticmethod
+    def routing() -> str:
+        # No `slower` hook: on this project's 2-core CPU the fused op (forward + backward) beat torch at
+        # every size measured, B = 1 .. 65536 and L = 2 .. 256, the op alone by 2.7-14x and fastvae's
+        # call by 1.2-3x over its torch path.
+        return "cpp/cuda reparam: the fused kernel at every size (CPU: measured faster than torch from B=1, L=2 up)"
 
     @staticmethod
     def reparam_forward(mu: torch.Tensor, logvar: torch.Tensor, seed: int | torch.Tensor, k: int, need_kl: bool = True,
@@ -126,6 +134,12 @@ class _Loss:
         if mu.dtype != logits.dtype:
             return f"logits ({logits.dtype}) and mu/logvar ({mu.dtype}) must share a dtype"
         return _dtype_reason(logits)
+
+    @staticmethod
+    def routing() -> str:
+        # No `slower` hook: measured on the project's 2-core CPU, the fused loss (forward + backward) beat
+        # torch at every size, B = 1 .. 4096 and D = 16 .. 12288, the op alone by 2.5-10x.
+        return "cpp/cuda loss: the fused kernel at every size (CPU: measured faster than torch from B=1, D=16 up)"
 
     @staticmethod
     def loss_forward(logits, x, mu, logvar, beta: float | torch.Tensor, likelihood: str, need_grad: bool, scale: float = 1.0,

@@ -144,3 +144,24 @@ def test_torch_compile_traces_the_ops():
     torch.testing.assert_close(got, want)
     got.backward()
     assert mu.grad is not None and torch.isfinite(mu.grad).all()
+
+
+def test_torch_compile_keeps_the_flag_word_mutation_and_tensor_seed():
+    """fullgraph aot_eager: the flag word (a mutable argument) is written back, the seed and beta are tensors."""
+    import torch._dynamo
+
+    def step(logits, x, mu, logvar, seed_t, beta_t, flags):
+        z, kl = torch.ops.fastvae.reparam_forward(mu, logvar, seed_t, 0, 2, True, flags)
+        out = torch.ops.fastvae.loss_forward(logits + z.mean(), x, mu, logvar, beta_t, 0.0, False, True, 0.5, flags)
+        return out[0] + kl, out[2]
+
+    logits, x, mu, logvar = inputs()
+    logvar[3, 1] = 100.0  # sets FLAG_LOGVAR_HIGH in both kernels
+    args = (logits, x, mu, logvar, torch.tensor(11), torch.tensor(0.3, dtype=torch.float64))
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    got_flags, want_flags = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    got, want = compiled(*args, got_flags), step(*args, want_flags)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert got_flags.item() == want_flags.item() == fastvae._checks.FLAG_LOGVAR_HIGH
