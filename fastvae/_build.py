@@ -12,7 +12,10 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CPU_SOURCES = ("ops.cpp", "checks.cpp", "cpu/reparam.cpp", "cpu/loss.cpp", "cpu/decode.cpp", "cpu/avx2.cpp")
 CUDA_SOURCES = ("cuda/reparam.cu", "cuda/loss.cu", "cuda/decode.cu",
                 "cuda/reparam_glue.cpp", "cuda/loss_glue.cpp", "cuda/decode_glue.cpp")
-CXX_FLAGS = ["-O3", "-Wno-psabi"]  # psabi: a GCC note about 32-byte vector arguments
+# -fopenmp: at::parallel_for is an OpenMP pragma inlined from ATen's headers; without the flag the
+# kernels silently run on one thread (GOMP_* then resolve to torch's own libgomp at load time).
+# psabi: a GCC note about 32-byte vector arguments.
+CXX_FLAGS = ["-O3", "-fopenmp", "-Wno-psabi"]
 NVCC_FLAGS = ["-O3"]  # no --use_fast_math: NaN/Inf must behave as in torch
 
 

@@ -6,6 +6,7 @@ kernel forgets to write fails the comparison."""
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,6 +72,12 @@ def padded(t):
     storage = torch.full((t.numel() + 67,), NAN, dtype=t.dtype) if t.is_floating_point() else torch.zeros(t.numel() + 67, dtype=t.dtype)
     storage[: t.numel()] = t.flatten()
     return storage[: t.numel()].view(t.shape)
+
+
+def test_kernels_are_built_with_openmp():
+    """at::parallel_for is an OpenMP pragma inlined from ATen's headers: built without -fopenmp, every
+    CPU kernel silently runs on one thread."""
+    assert b"GOMP_parallel" in Path(C.__file__).read_bytes()
 
 
 def test_flag_bits_and_bound_agree_with_python():
