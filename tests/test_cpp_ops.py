@@ -197,6 +197,15 @@ def test_reparam_backward_without_kl_gradient_equals_zero_kl_gradient(dtype):
     torch.testing.assert_close(none[0], gz.sum(0), **tol(dtype))
 
 
+def test_zero_width_rows_are_empty_sums_not_crashes():
+    mu = torch.zeros(3, 0)
+    z, kl = fwd(mu, mu, k=2, flags=flag_word())
+    assert z.shape == (2, 3, 0) and torch.equal(kl, torch.zeros(3))
+    assert all(g.shape == (3, 0) for g in bwd(z, torch.ones(3), mu, mu, z))
+    recon, kl, g, g_mu, _ = loss_op(torch.zeros(3, 0), torch.zeros(3, 0), mu, mu, flags=flag_word())
+    assert torch.equal(recon, torch.zeros(3)) and torch.equal(kl, torch.zeros(3)) and g.shape == (3, 0) and g_mu.shape == (3, 0)
+
+
 def test_reparam_seed_reproducible_and_streams_differ():
     mu, logvar = latents(16, 20, torch.float32)
     a = reparam.reparameterize(mu, logvar, seed=1, backend="cpp")

@@ -119,7 +119,7 @@ template <bool kGaussian, bool kCheck, typename T, typename X>
 void loss_rows(const LossArgs<T, X>& a) {
   const int64_t D = a.dim, L = a.latent;
   const bool grads = a.grad_logits != nullptr;
-  at::parallel_for(0, a.rows, std::max<int64_t>(1, 16384 / (D + L)), [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, a.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, D + L)), [&](int64_t b0, int64_t b1) {
     LossCheck<T> check;
     for (int64_t r = b0; r < b1; ++r) {
       a.recon[r] = recon_row<kGaussian, kCheck>(a.logits + r * D, a.x + r * D, D, a.scale,

@@ -39,8 +39,8 @@ T row_sum(const T* p, int64_t n) {
 template <typename T>
 void reparam_forward(const ReparamForwardArgs<T>& a) {
   constexpr int64_t W = Vec<T>::size();
-  const int64_t L = a.dim, BL = a.rows * L, tile_rows = std::max<int64_t>(1, kTile / L);
-  at::parallel_for(0, a.rows, std::max<int64_t>(1, kGrain / L), [&](int64_t b0, int64_t b1) {
+  const int64_t L = a.dim, BL = a.rows * L, tile_rows = std::max<int64_t>(1, kTile / std::max<int64_t>(L, 1));
+  at::parallel_for(0, a.rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(L, 1)), [&](int64_t b0, int64_t b1) {
     const int64_t cap = tile_rows * L;
     std::vector<float> buf(normals_capacity(cap));
     std::vector<T> stdev(a.k > 1 ? cap : 0), terms(a.kl != nullptr ? cap : 0), eps64(std::is_same_v<T, float> ? 0 : cap);
@@ -88,8 +88,8 @@ void reparam_forward(const ReparamForwardArgs<T>& a) {
 template <typename T>
 void reparam_backward(const ReparamBackwardArgs<T>& a) {
   constexpr int64_t W = Vec<T>::size();
-  const int64_t L = a.dim, BL = a.rows * L, tile_rows = std::max<int64_t>(1, kTile / L);
-  at::parallel_for(0, a.rows, std::max<int64_t>(1, kGrain / L), [&](int64_t b0, int64_t b1) {
+  const int64_t L = a.dim, BL = a.rows * L, tile_rows = std::max<int64_t>(1, kTile / std::max<int64_t>(L, 1));
+  at::parallel_for(0, a.rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(L, 1)), [&](int64_t b0, int64_t b1) {
     std::vector<T> gk(a.grad_kl != nullptr ? tile_rows * L : 0);  // grad_kl per element of the tile
     for (int64_t r0 = b0; r0 < b1; r0 += tile_rows) {
       const int64_t r1 = std::min(b1, r0 + tile_rows), n = (r1 - r0) * L, base = r0 * L;

@@ -12,7 +12,10 @@ std::tuple<at::Tensor, at::Tensor> reparam_forward(const at::Tensor& mu, const a
   const c10::cuda::CUDAGuard guard(mu.device());
   auto z = new_output({k, mu.size(0), mu.size(1)}, mu.options());
   auto kl = new_output({need_kl ? mu.size(0) : 0}, mu.options());
-  if (mu.numel() == 0) return {z, kl};
+  if (mu.numel() == 0) {  // no latents: each row's KL is an empty sum
+    kl.zero_();
+    return {z, kl};
+  }
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "fastvae_reparam_forward_cuda", [&] {
     check_launch(launch_reparam_forward(mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
                                         need_kl ? kl.data_ptr<scalar_t>() : nullptr, mu.size(0), mu.size(1), k, seed_ptr,
