@@ -102,17 +102,26 @@ class _FusedLoss(torch.autograd.Function):
         # The gradients are intermediates owned by this node: kept as attributes (not saved tensors) so that
         # backward scales them in place instead of allocating another logits-sized tensor.
         ctx.impl, ctx.grads = impl, ((g_logits, g_mu, g_logvar) if need_grad else None)
-        if reduction != "none":
-            recon, kl = (recon.mean(), kl.mean()) if reduction == "mean" else (recon.sum(), kl.sum())
+        if reduction == "none":
+            loss = _weighted(recon, kl, beta)
+        else:
+            reduce = torch.mean if reduction == "mean" else torch.sum
+            # a tensor beta weighs the rows (in their dtype: no float64 promotion, no cast) before one reduction
+            loss = reduce(torch.addcmul(recon, kl, beta)) if isinstance(beta, torch.Tensor) else None
+            recon, kl = reduce(recon), reduce(kl)
+            loss = torch.add(recon, kl, alpha=beta) if loss is None else loss
         ctx.kl = kl if needs[5] else None
         ctx.mark_non_differentiable(recon, kl)
-        return _weighted(recon, kl, beta), recon, kl
+        ctx.set_materialize_grads(False)  # no zero tensors for the gradients of recon and kl (never used)
+        return loss, recon, kl
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_recon, _grad_kl):  # type: ignore[override]
         grads, ctx.grads = ctx.grads, ()
         if grads == ():
             raise RuntimeError("the fused loss's backward ran twice (retain_graph=True); use backend='torch' for double backward")
+        if grad_loss is None:
+            return None, None, None, None, None, None, None, None, None
         if grads is not None:
             # 0-dim for "sum"/"mean": a no-op when it is 1 (a kernel that reads it on the device, on CUDA);
             # (B,) per row for "none".
