@@ -126,6 +126,17 @@ def _error(bits: int, suffix: str = "") -> ValueError:
     return ValueError(f"a fused kernel set unknown value-check flags {bits:#x}{suffix}")
 
 
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Within: fused kernels' flags on the CPU too wait for ``check_values`` (the Trainer reads them at its logging steps)."""
+    global DEFERRED
+    old, DEFERRED = DEFERRED, DEFERRED | {"cpu"}
+    try:
+        yield
+    finally:
+        DEFERRED = old
+
+
 def raise_flags(flags: torch.Tensor | None) -> None:
     """After a fused call on the CPU: raise the ValueError for the first bit set in `flags`, and clear them.
 
@@ -152,7 +163,10 @@ def check_values(device: torch.device | str | None = None) -> None:
     if device is None:
         targets = list(_words.values())
     else:
-        word = _words.get(torch.device(device))
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        word = _words.get(device)
         targets = [word] if word is not None else []
     for word in targets:
         bits = int(word.tensor.item())
