@@ -152,13 +152,14 @@ def raise_flags(flags: torch.Tensor | None) -> None:
         raise _error(bits)
 
 
-def check_values(device: torch.device | str | None = None) -> None:
+def check_values(device: torch.device | str | None = None, *, where: str = "since the last check") -> None:
     """Raise the ValueError for bad values a fused kernel flagged on `device` since the last check, and clear them.
 
     On CUDA the fused kernels record bad inputs (NaN/Inf, targets outside [0, 1], logvar above
     the overflow bound) in a device flag word instead of syncing per call; this syncs, reads and
-    clears it. `device=None`: every device with a flag word. The Trainer calls it at every
-    logging step and at the end of each epoch. CPU calls raise at once and never leave bits here.
+    clears it. `device=None`: every device with a flag word; `where` goes into the message. The
+    Trainer calls it at every logging step (the last step of each epoch is one). Fused calls on the
+    CPU raise at once (outside the Trainer) and leave nothing to report here.
     """
     if device is None:
         targets = list(_words.values())
@@ -172,7 +173,7 @@ def check_values(device: torch.device | str | None = None) -> None:
         bits = int(word.tensor.item())
         if bits:
             word.tensor.zero_()
-            raise _error(bits, " (detected by a fused kernel since the last check)")
+            raise _error(bits, f" (detected by a fused kernel {where})")
 
 
 def floating(name: str, t: object) -> torch.Tensor:

@@ -267,11 +267,7 @@ class Trainer:
 
     def _check_values(self) -> None:
         """Raise what the fused kernels flagged (NaN/Inf, logvar > 88) since the last check, naming the steps."""
-        try:
-            _checks.check_values(self.device)
-        except ValueError as exc:
-            raise ValueError(f"{exc}, in steps {self._checked_step}..{self.step - 1} (epoch {self.epoch + 1}); "
-                             "lower lr, or resume from the last checkpoint") from None
+        _checks.check_values(self.device, where=f"in steps {self._checked_step}..{self.step - 1} of epoch {self.epoch + 1}")
         self._checked_step = self.step
 
     def _log(self, record: dict[str, Any]) -> None:
