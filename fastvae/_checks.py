@@ -191,11 +191,12 @@ def finite(name: str, t: torch.Tensor) -> None:
 
 
 def same_device(**tensors: torch.Tensor) -> torch.device:
-    devices = {name: t.device for name, t in tensors.items()}
-    first = next(iter(devices.values()))
-    if any(d != first for d in devices.values()):
-        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"tensors must be on one device, got {listing}; move them with .to(device)")
+    devices = [t.device for t in tensors.values()]
+    first = devices[0]
+    for d in devices:
+        if d != first:
+            listing = ", ".join(f"{n} on {d}" for n, d in zip(tensors, devices))
+            raise ValueError(f"tensors must be on one device, got {listing}; move them with .to(device)")
     return first
 
 
@@ -208,7 +209,8 @@ def latent_pair(mu: torch.Tensor, logvar: torch.Tensor) -> None:
         raise ValueError(f"mu and logvar must be (batch, latent_dim), got {tuple(mu.shape)}")
     if mu.dtype != logvar.dtype:
         raise TypeError(f"mu and logvar must share a dtype, got {mu.dtype} and {logvar.dtype}")
-    same_device(mu=mu, logvar=logvar)
+    if mu.device != logvar.device:
+        same_device(mu=mu, logvar=logvar)
 
 
 def latent_values(mu: torch.Tensor, logvar: torch.Tensor) -> None:
@@ -221,6 +223,8 @@ def latent_values(mu: torch.Tensor, logvar: torch.Tensor) -> None:
 
 def beta(value: object) -> float:
     """The KL weight as a float: a finite number >= 0."""
+    if type(value) is float and 0.0 <= value < math.inf:
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"beta (the KL weight) must be a number >= 0, got {type(value).__name__} {value!r}")
     if not (math.isfinite(value) and value >= 0):

@@ -89,12 +89,18 @@ def loss_reference(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logv
     return LossTerms(_weighted(recon, kl, beta), recon.detach(), kl.detach())
 
 
+_SPENT = ()  # ctx.grads after the one backward a forward allows
+
+
 class _FusedLoss(torch.autograd.Function):
     """One kernel writes the rows and the gradients of scale * sum(recon + beta * kl); this node
-    reduces the rows itself and its backward only scales the stored gradients by the upstream one."""
+    reduces the rows itself and its backward only scales the stored gradients by the upstream one.
+
+    Its one output is the loss; the reduced recon and kl (no gradients) are appended to `terms`.
+    """
 
     @staticmethod
-    def forward(ctx, impl, logits, x, mu, logvar, beta, likelihood, reduction, flags):  # type: ignore[override]
+    def forward(ctx, impl, logits, x, mu, logvar, beta, likelihood, reduction, flags, terms):  # type: ignore[override]
         needs = ctx.needs_input_grad
         need_grad = needs[1] or needs[3] or needs[4]
         scale = 1.0 / logits.shape[0] if reduction == "mean" else 1.0
@@ -111,24 +117,22 @@ class _FusedLoss(torch.autograd.Function):
             recon, kl = reduce(recon), reduce(kl)
             loss = torch.add(recon, kl, alpha=beta) if loss is None else loss
         ctx.kl = kl if needs[5] else None
-        ctx.mark_non_differentiable(recon, kl)
-        ctx.set_materialize_grads(False)  # no zero tensors for the gradients of recon and kl (never used)
-        return loss, recon, kl
+        terms += (recon, kl)
+        return loss
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_recon, _grad_kl):  # type: ignore[override]
-        grads, ctx.grads = ctx.grads, ()
-        if grads == ():
+    def backward(ctx, grad_loss):  # type: ignore[override]
+        grads, ctx.grads = ctx.grads, _SPENT
+        if grads is _SPENT:
             raise RuntimeError("the fused loss's backward ran twice (retain_graph=True); use backend='torch' for double backward")
-        if grad_loss is None:
-            return None, None, None, None, None, None, None, None, None
+        g_logits = g_mu = g_logvar = None
         if grads is not None:
-            # 0-dim for "sum"/"mean": a no-op when it is 1 (a kernel that reads it on the device, on CUDA);
-            # (B,) per row for "none".
+            # 0-dim for "sum"/"mean": nothing to do when it is 1 (on GPUs a kernel that reads it on the
+            # device, no sync); (B,) per row for "none".
             ctx.impl.scale_grads(grad_loss, list(grads))
-        g_logits, g_mu, g_logvar = grads if grads is not None else (None, None, None)
+            g_logits, g_mu, g_logvar = grads
         g_beta = (grad_loss * ctx.kl).sum().to(torch.float64) if ctx.kl is not None else None
-        return None, g_logits, None, g_mu, g_logvar, g_beta, None, None, None
+        return None, g_logits, None, g_mu, g_logvar, g_beta, None, None, None, None
 
 
 def _check(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, likelihood: str, reduction: str) -> torch.Tensor:
@@ -144,7 +148,9 @@ def _check(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torc
     for name, t in (("mu", mu), ("logvar", logvar)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    _checks.same_device(logits=logits, x=x, mu=mu, logvar=logvar)
+    device = logits.device
+    if not (x.device == device and mu.device == device and logvar.device == device):
+        _checks.same_device(logits=logits, x=x, mu=mu, logvar=logvar)
     _checks.latent_pair(mu, logvar)
     if logits.dim() != 2:
         raise ValueError(f"logits must be (batch, features), got shape {tuple(logits.shape)}")
@@ -210,8 +216,10 @@ def loss_terms(
     flags = _checks.flag_word(logits.device)
 
     def fused() -> LossTerms:
-        return LossTerms(*_FusedLoss.apply(impl, logits.contiguous(), x.contiguous(), mu.contiguous(), logvar.contiguous(),
-                                           beta, likelihood, reduction, flags))
+        terms: list[torch.Tensor] = []
+        loss = _FusedLoss.apply(impl, logits.contiguous(), x.contiguous(), mu.contiguous(), logvar.contiguous(),
+                                beta, likelihood, reduction, flags, terms)
+        return LossTerms(loss, *terms)
 
     terms = backends.run_fused(OP, name, fused, eager)
     _checks.raise_flags(flags)

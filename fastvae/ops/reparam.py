@@ -16,6 +16,8 @@ Backend interface (``impl`` registered in ``fastvae.backends``):
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .. import _checks, backends
@@ -60,7 +62,13 @@ def new_seed(seed: int | torch.Tensor | None = None, like: torch.Tensor | None =
         return seed
     if like is not None and like.device.type in DEVICE_SEEDS and (on_device or backends.capturing()):
         return torch.randint(0, 2**62, (), dtype=torch.int64, device=like.device)
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+    buf = getattr(_host, "seed", None)
+    if buf is None:
+        buf = _host.seed = torch.empty((), dtype=torch.int64)
+    return buf.random_(0, 2**62).item()  # torch.randint's draw from the same generator, without an allocation
+
+
+_host = threading.local()  # per thread: a reusable CPU int64 scalar for new_seed's draws
 
 
 def _torch_eps(mu: torch.Tensor, k: int | None, seed: int | torch.Tensor | None) -> torch.Tensor:
@@ -88,13 +96,17 @@ class _FusedReparam(torch.autograd.Function):
         z, kl = impl.reparam_forward(mu, logvar, seed, k, need_kl, flags)
         ctx.impl, ctx.seed, ctx.k = impl, seed, k
         ctx.save_for_backward(mu, logvar, z)
-        out = z.view(mu.shape) if squeeze else z
+        out = z.squeeze(0) if squeeze else z
         return (out, kl) if need_kl else out
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl=None):  # type: ignore[override]
         mu, logvar, z = ctx.saved_tensors
-        grad_z = torch.zeros_like(z) if grad_z is None else grad_z.contiguous().view(z.shape)
+        if grad_z is None:
+            grad_z = torch.zeros_like(z)
+        else:
+            grad_z = grad_z.contiguous()
+            grad_z = grad_z.unsqueeze(0) if grad_z.dim() == 2 else grad_z
         grad_mu, grad_logvar = ctx.impl.reparam_backward(grad_z, grad_kl, mu, logvar, z, ctx.seed, ctx.k)
         return None, grad_mu, grad_logvar, None, None, None, None, None
 
