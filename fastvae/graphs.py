@@ -123,7 +123,7 @@ class GraphStep:
     def _body(self, idx: torch.Tensor) -> None:
         """One training step, as captured: every op here is a node of the graph (tests/test_graphs.py counts them)."""
         t, c = self.trainer, self.trainer.config
-        batch = t.data[idx]
+        batch = torch.index_select(t.data, 0, idx)
         beta = self.beta if self.beta is not None else c.beta
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=c.amp, cache_enabled=False):  # no cast cache across a capture
             terms = t.model.loss_terms(batch, beta=beta, reduction="sum")

