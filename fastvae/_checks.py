@@ -128,13 +128,32 @@ def _error(bits: int, suffix: str = "") -> ValueError:
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
-    """Within: fused kernels' flags on the CPU too wait for ``check_values`` (the Trainer reads them at its logging steps)."""
+    """Within: fused kernels' flags on the CPU too wait for ``check_values`` (the Trainer reads them at its
+    logging steps). Bits still set on exit (a run stopped by another error) are cleared: they must not be
+    raised by the next, unrelated CPU call."""
     global DEFERRED
     old, DEFERRED = DEFERRED, DEFERRED | {"cpu"}
     try:
         yield
     finally:
         DEFERRED = old
+        if "cpu" not in DEFERRED:
+            clear_flags(torch.device("cpu"))
+
+
+def _word_key(device: torch.device | str) -> torch.device:
+    """`device` as flag words are keyed: tensors' devices ("cuda" means the current CUDA device)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def clear_flags(device: torch.device | str) -> None:
+    """Forget what the kernels flagged on `device` (the Trainer starts a run with a clean word)."""
+    word = _words.get(_word_key(device))
+    if word is not None:
+        word.tensor.zero_()
 
 
 def raise_flags(flags: torch.Tensor | None) -> None:
@@ -164,10 +183,7 @@ def check_values(device: torch.device | str | None = None, *, where: str = "sinc
     if device is None:
         targets = list(_words.values())
     else:
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        word = _words.get(device)
+        word = _words.get(_word_key(device))
         targets = [word] if word is not None else []
     for word in targets:
         bits = int(word.tensor.item())

@@ -194,6 +194,7 @@ class Trainer:
         # The data was validated once (prepare_data): no separate Python value passes per step. The fused kernels'
         # flags stay on (they cost nothing) and are read at every logging step (_check_values), on CPU too.
         self._checked_step = self.step
+        _checks.clear_flags(self.device)  # only this run's steps are reported
         with _checks.python_passes(False), _checks.deferred(), graphs.tf32(self.config.tf32):
             while self.epoch < self.config.epochs:
                 self.history.append(self._epoch())

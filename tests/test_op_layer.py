@@ -156,6 +156,19 @@ def test_the_trainer_checks_the_flags_at_its_logging_steps(contract, tmp_path):
     assert not any(d["flags"] is False for d in contract.called("loss_forward"))  # checks stayed on in the loop
 
 
+def test_flags_of_a_run_stopped_by_another_error_do_not_leak(contract):
+    """check_finite stops the run at the bad step, before the logging step reads the flags: they are cleared."""
+    torch.manual_seed(0)
+    model = fastvae.VAE(input_dim=6, hidden_dims=(5,), latent_dim=3)
+    hook = model.encoder.register_forward_hook(lambda m, i, out: (out[0] * math.nan, out[1]))
+    cfg = fastvae.TrainConfig(epochs=1, batch_size=4, log_every=5, progress=False, check_finite=True)
+    with pytest.raises(FloatingPointError, match="at step 0"):
+        fastvae.Trainer(model, torch.rand(16, 6), cfg, device="cpu").fit()
+    hook.remove()
+    loss_terms(*_loss_args(grad=False))  # the next CPU call does not raise the stale bit
+    fastvae.Trainer(fastvae.VAE(input_dim=6, hidden_dims=(5,), latent_dim=3), torch.rand(16, 6), cfg, device="cpu").fit()
+
+
 # -- seeds ------------------------------------------------------------------------------------------------------------
 
 def test_unseeded_calls_pass_device_seeds_to_a_kernel_that_reads_them(contract, device_seeds):
