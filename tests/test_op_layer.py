@@ -460,7 +460,9 @@ def test_bf16_grad_logvar_matches_float32_autograd_with_the_same_eps(backend, mo
     else:
         monkeypatch.setenv("FASTVAE_STRICT", "1")
     got, want = _bf16_grad_logvar(backend)
-    torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-5)
+    # one rounding to bfloat16 at the end (<= 2^-8 relative); z - mu from a bf16 z gives errors of order 100%,
+    # and eps and std rounded to bf16 before the product (the former torch path) up to 0.8% here
+    torch.testing.assert_close(got, want, rtol=5e-3, atol=1e-5)
 
 
 # -- the real backends through the public API ------------------------------------------------------------------------------------
