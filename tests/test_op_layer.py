@@ -489,6 +489,9 @@ def test_real_backends_fold_the_mean_and_take_a_device_beta(monkeypatch, backend
         out[name] = [*terms, *_grads(args[0], args[2], args[3])]
     for a, b in zip(out["fused"], out["torch"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    if reduction == "none":  # rows summed afterwards: the upstream gradient is an expanded (stride 0) ones
+        loss_terms(*args, reduction="none", backend=backend).loss.sum().backward()
+        torch.testing.assert_close(args[0].grad, torch.sigmoid(args[0].detach()) - args[1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", REAL)

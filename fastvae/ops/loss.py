@@ -129,7 +129,7 @@ class _FusedLoss(torch.autograd.Function):
         if grads is not None:
             # 0-dim for "sum"/"mean": nothing to do when it is 1 (on GPUs a kernel that reads it on the
             # device, no sync); (B,) per row for "none".
-            ctx.impl.scale_grads(grad_loss, list(grads))
+            ctx.impl.scale_grads(grad_loss if grad_loss.dim() == 0 else grad_loss.contiguous(), list(grads))
             g_logits, g_mu, g_logvar = grads
         g_beta = (grad_loss * ctx.kl).sum().to(torch.float64) if ctx.kl is not None else None
         return None, g_logits, None, g_mu, g_logvar, g_beta, None, None, None, None
