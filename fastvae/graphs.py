@@ -138,9 +138,6 @@ class GraphStep:
         with torch.no_grad():
             torch.stack((terms.loss, terms.recon, terms.kl), out=self.stats)
 
-    def _eager(self, idx: torch.Tensor) -> None:
-        self._body(idx)
-
     def _capture(self) -> bool:
         _checks.flag_word(self.trainer.device)  # allocated outside the graph, so replays write the same word
         graph = torch.cuda.CUDAGraph()
@@ -165,7 +162,7 @@ class GraphStep:
         if self.beta is not None:
             self.beta.fill_(self.trainer.beta_at(self.trainer.step))
         if idx.shape[0] != self.idx.shape[0] or self.failed:
-            self._eager(idx)
+            self._body(idx)
             return
         self.idx.copy_(idx)
         if self.graph is None:
@@ -174,10 +171,10 @@ class GraphStep:
                 side = torch.cuda.Stream(self.trainer.device)
                 side.wait_stream(torch.cuda.current_stream(self.trainer.device))
                 with torch.cuda.stream(side):
-                    self._eager(self.idx)
+                    self._body(self.idx)
                 torch.cuda.current_stream(self.trainer.device).wait_stream(side)
                 return
             if not self._capture():
-                self._eager(self.idx)
+                self._body(self.idx)
                 return
         self.graph.replay()

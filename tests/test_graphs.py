@@ -197,7 +197,7 @@ def _step_ops(monkeypatch, impls, **cfg) -> list[str]:
     trainer = fastvae.Trainer(fastvae.VAE(), _images(256), fastvae.TrainConfig(batch_size=128, progress=False, **cfg), device="cpu")
     step = graphs.GraphStep(trainer)
     idx = torch.arange(128)
-    step._eager(idx)  # as the warm-up steps: optimizer state and the flag word exist before the capture
+    step._body(idx)  # as the warm-up steps: optimizer state and the flag word exist before the capture
     counter.ops.clear()
     monkeypatch.setattr(backends_module, "capturing", lambda: True)  # what the step does while a CUDA stream captures it
     with counter:
