@@ -82,7 +82,7 @@ LOGVAR_HIGH_MESSAGE = (f"logvar has values above {MAX_LOGVAR}: exp(logvar) overf
 X_RANGE_MESSAGE = "x (targets) must lie in [0, 1] for the Bernoulli likelihood; scale the data to [0, 1] or use likelihood='gaussian'"
 
 # The error for each flag bit, in the order of the Python checks: the first set bit is the one reported.
-FLAG_MESSAGES = (
+ERRORS_BY_FLAG = (
     (FLAG_MU_NONFINITE, finite_message("mu")),
     (FLAG_LOGVAR_NONFINITE, finite_message("logvar")),
     (FLAG_LOGVAR_HIGH, LOGVAR_HIGH_MESSAGE),
@@ -120,7 +120,7 @@ def flag_word(device: torch.device) -> torch.Tensor | None:
 
 
 def _error(bits: int, suffix: str = "") -> ValueError:
-    for bit, message in FLAG_MESSAGES:
+    for bit, message in ERRORS_BY_FLAG:
         if bits & bit:
             return ValueError(message + suffix)
     return ValueError(f"a fused kernel set unknown value-check flags {bits:#x}{suffix}")

@@ -453,6 +453,10 @@ def _bf16_grad_logvar(backend):
 
 @pytest.mark.parametrize("backend", ["torch", "contract", pytest.param("triton", marks=NATIVE)])
 def test_bf16_grad_logvar_matches_float32_autograd_with_the_same_eps(backend, monkeypatch):
+    # One rounding to bfloat16 at the end: <= 2^-8 relative. z - mu from a bf16 z gives errors of order 100%
+    # here, eps and std rounded to bf16 before the product (the former torch path) up to 0.8%. Triton's
+    # interpreter truncates to bf16 instead of rounding (up to 2^-7; a GPU rounds): one ulp there.
+    rtol = 1e-2 if backend == "triton" else 5e-3
     if backend == "contract":
         fake.isolate(monkeypatch)
         fake.install(monkeypatch, "reparam", fake.Contract())
@@ -460,9 +464,7 @@ def test_bf16_grad_logvar_matches_float32_autograd_with_the_same_eps(backend, mo
     else:
         monkeypatch.setenv("FASTVAE_STRICT", "1")
     got, want = _bf16_grad_logvar(backend)
-    # one rounding to bfloat16 at the end (<= 2^-8 relative); z - mu from a bf16 z gives errors of order 100%,
-    # and eps and std rounded to bf16 before the product (the former torch path) up to 0.8% here
-    torch.testing.assert_close(got, want, rtol=5e-3, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=rtol, atol=1e-5)
 
 
 # -- the real backends through the public API ------------------------------------------------------------------------------------
@@ -528,12 +530,9 @@ def test_real_backends_flag_bad_values(monkeypatch, backend, case):
 
 
 @NATIVE
-def test_flag_bits_agree_with_the_kernels():
-    from pathlib import Path
-
+def test_flag_bits_agree_with_the_triton_kernels():
+    """kernels/_common.py mirrors fastvae/_checks.py's FLAG_* (csrc/flags.h: tests/test_cpp_ops.py)."""
     from fastvae.kernels import _common
 
-    header = (Path(__file__).resolve().parents[1] / "csrc" / "flags.h").read_text()
     for name in ("FLAG_LOGITS_NONFINITE", "FLAG_X_NONFINITE", "FLAG_X_RANGE", "FLAG_MU_NONFINITE", "FLAG_LOGVAR_NONFINITE", "FLAG_LOGVAR_HIGH"):
         assert getattr(_common, name) == getattr(_checks, name)
-        assert f"{name} = {getattr(_checks, name)}" in header or f"{name} {getattr(_checks, name)}" in header

@@ -167,7 +167,7 @@ def _check(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torc
 
 
 def _check_values(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, likelihood: str) -> None:
-    """The torch backend's value checks, in the order of the flag bits' messages (fastvae._checks.FLAG_MESSAGES)."""
+    """The torch backend's value checks, in the order of the flag bits' messages (fastvae._checks.ERRORS_BY_FLAG)."""
     _checks.latent_values(mu, logvar)
     _checks.finite("logits", logits)
     if x.is_floating_point():
