@@ -1,7 +1,7 @@
 """fastvae: fused-kernel training engine for Variational Autoencoders."""
 from . import functional, models, ops, reference
 from . import data
-from ._checks import value_checks
+from ._checks import check_values, value_checks
 from .accelerate import accelerate
 from .apps import interpolate, latent_map, score
 from .backends import backends
@@ -12,5 +12,5 @@ from .trainer import TrainConfig, Trainer
 
 __version__ = "0.1.0"
 
-__all__ = ["TrainConfig", "Trainer", "VAE", "MLPDecoder", "MLPEncoder", "train", "backends", "functional", "models", "reference", "value_checks", "__version__",
+__all__ = ["TrainConfig", "Trainer", "VAE", "MLPDecoder", "MLPEncoder", "train", "backends", "functional", "models", "reference", "value_checks", "check_values", "__version__",
            "accelerate", "evaluate", "interpolate", "iwae_loss", "latent_map", "score"]

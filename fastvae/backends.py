@@ -8,8 +8,10 @@ accelerated implementation lazily. ``resolve`` picks one for a device:
   that fails to load is skipped with one warning and "torch" always remains;
 - an explicit name that is unknown is a ValueError, one that is unavailable here a
   RuntimeError that says why;
+- ``pick`` honours an implementation's ``unsupported`` and ``slower`` hooks (the latter under "auto" only);
 - ``run_fused`` runs an accelerated forward and, if it raises, warns once and runs the
-  PyTorch reference instead (``FASTVAE_STRICT=1`` re-raises, for benchmarking).
+  PyTorch reference instead (``FASTVAE_STRICT=1`` re-raises, for benchmarking; so does a
+  failure during CUDA-graph capture).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ _loaded: dict[tuple[str, str], Any] = {}
 _errors: dict[tuple[str, str], str] = {}
 _warned: set[str] = set()
 _failed_at_run: set[tuple[str, str]] = set()  # already warned about by run_fused: "auto" skips them quietly
+_picked: dict[tuple[str, str, str], tuple[str, Any]] = {}  # (op, device type, requested) -> pick's resolution, while loaded
 
 
 class BackendUnavailable(RuntimeError):
@@ -42,6 +45,7 @@ def register(op: str, backend: str, loader: Callable[[], Any]) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _loaders[(op, backend)] = loader
+    _picked.clear()
 
 
 def warn_once(key: str, message: str) -> None:
@@ -136,29 +140,53 @@ def resolve(op: str, device_type: str, backend: str | None = None) -> tuple[str,
 def pick(op: str, backend: str | None, *tensors: Any) -> tuple[str, Any | None]:
     """Resolve `op` for the device of `tensors[0]`, checking that the chosen kernel takes these tensors.
 
-    An implementation may define ``unsupported(*tensors) -> str | None`` (a dtype it lacks, say):
-    "auto" then quietly uses PyTorch, an explicit request gets a TypeError naming the reason.
+    Two optional hooks of an implementation, with the op's tensors as arguments:
+    ``unsupported(*tensors) -> str | None`` (a dtype it lacks, say): "auto" then quietly uses
+    PyTorch, an explicit request gets a TypeError naming the reason; ``slower(*tensors) -> str |
+    None`` (a measured fact, e.g. "torch is faster below 4096 elements on this CPU"): "auto" uses
+    PyTorch for this call, an explicit request still runs the kernel.
     """
-    name, impl = resolve(op, tensors[0].device.type, backend)
+    name = requested(backend)
+    key = (op, tensors[0].device.type, name)
+    hit = _picked.get(key)
+    if hit is not None and _loaded.get((op, hit[0])) is hit[1]:  # still the loaded implementation
+        chosen, impl = hit
+    else:
+        chosen, impl = _auto(op, key[1]) if name == "auto" else resolve(op, key[1], name)
+        if impl is None:
+            return chosen, impl
+        _picked[key] = (chosen, impl)
     check = getattr(impl, "unsupported", None)
     why = check(*tensors) if check is not None else None
     if why:
-        if requested(backend) == "auto":
+        if name == "auto":
             return "torch", None
-        raise TypeError(f"backend={name!r} cannot run {op} on these inputs: {why}. Use backend='auto' or 'torch'.")
-    return name, impl
+        raise TypeError(f"backend={chosen!r} cannot run {op} on these inputs: {why}. Use backend='auto' or 'torch'.")
+    if name == "auto":
+        slower = getattr(impl, "slower", None)
+        if slower is not None and slower(*tensors):
+            return "torch", None
+    return chosen, impl
+
+
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def run_fused(op: str, name: str, fused: Callable[[], Any], fallback: Callable[[], Any]) -> Any:
     """Run `fused`; if it raises, warn once and run `fallback`, and let "auto" skip `name` for `op` from now on.
 
     Inputs are validated before this runs, so any exception here (a TypeError from a binding
-    built for another interface included) is the kernel's failure, not the caller's.
+    built for another interface included) is the kernel's failure, not the caller's. During a
+    CUDA-graph capture the error is raised instead (the capture fails; the backend stays enabled).
     """
     try:
         return fused()
     except Exception as exc:  # noqa: BLE001
-        if strict():
+        if strict() or capturing():
             raise
         warn_once(f"run:{op}:{name}", f"fastvae: {name} kernel for {op} failed ({type(exc).__name__}: {exc}); using PyTorch from now on")
         _loaded.pop((op, name), None)
@@ -176,13 +204,25 @@ def _active(op: str, device_type: str) -> str:
         return f"error: {exc}"
 
 
+def routing(op: str) -> dict[str, str]:
+    """Per loaded backend of `op`: its routing rule (``impl.routing()``), where it has one."""
+    rules = {}
+    for b in BACKENDS:
+        rule = getattr(_loaded.get((op, b)), "routing", None)
+        text = rule() if rule is not None else None
+        if text:
+            rules[b] = text
+    return rules
+
+
 def backends() -> dict[str, dict[str, Any]]:
-    """Per op: each backend's status ("available" or why not) and what "auto" picks per device here."""
+    """Per op: each backend's status ("available" or why not), what "auto" picks per device here,
+    and the routing rules by which "auto" still runs PyTorch for some calls (sizes where it is faster)."""
     import torch
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     report: dict[str, dict[str, Any]] = {}
     for op in ("reparam", "loss", "decode"):
         status = {b: "available" if b == "torch" or load(op, b) is not None else _errors.get((op, b), "not implemented") for b in BACKENDS}
-        report[op] = {"backends": status, "active": {dev: _active(op, dev) for dev in devices}}
+        report[op] = {"backends": status, "active": {dev: _active(op, dev) for dev in devices}, "routing": routing(op)}
     return report

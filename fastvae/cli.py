@@ -199,8 +199,10 @@ def info() -> dict:
     except ImportError:
         triton_version = None
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    report = backends()
+    routing = [f"{op} {b}: {rule}" for op, r in report.items() for b, rule in r["routing"].items()]  # where "auto" still picks torch
     return {"fastvae": __version__, "python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
-            "cuda": torch.version.cuda, "gpus": gpus, "cpu_threads": torch.get_num_threads(), "backends": backends()}
+            "cuda": torch.version.cuda, "gpus": gpus, "cpu_threads": torch.get_num_threads(), "backends": report, "routing": routing}
 
 
 if __name__ == "__main__":

@@ -3,13 +3,16 @@
 One replay = gather the batch on the device from the uint8 dataset by a static index buffer,
 forward through the fused ops, backward, and Adam with ``capturable=True`` (its step counter
 lives on the device). Per step the host only copies the batch's slice of the shuffled index
-into the static buffer and launches the replay: no host sync, the running sums are read back
+into the static buffer (and, during a KL warm-up, fills the weight) and launches the replay: no host sync, the running sums are read back
 every ``log_every`` steps as in eager mode.
 
-What changes per replay without the host: the KL warm-up weight is computed in the graph from
-a device step counter (``warmup_beta``), and the fused reparameterisation's Philox seed is a
-0-dim int64 tensor drawn by torch's CUDA generator inside the graph (``ops.reparam.new_seed``
-during capture), so every replay samples new eps.
+What changes per replay: the KL warm-up weight (``Trainer.beta_at``, filled into a device scalar
+by the host before the replay, no sync) is read by the loss kernel from device memory, and the
+fused reparameterisation's Philox seed is a 0-dim int64 tensor drawn by torch's CUDA generator
+inside the graph (``ops.reparam.new_seed``: on CUDA for every unseeded call, eager or captured),
+so every replay samples new eps with the same fused kernel the eager warm-up steps ran. Bad
+values are flagged by the kernels in a device word that ``fastvae.check_values`` reads at the
+Trainer's logging steps.
 
 The first ``WARMUP_STEPS`` full batches run eagerly on a side stream (cuBLAS and autograd set
 themselves up; they are real training steps), the next one is captured and replayed. The short
@@ -22,26 +25,14 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
+from . import _checks
 from .backends import warn_once
 from .ops.loss import LossTerms
-from .schedules import CYCLE_RAMP
 
 if TYPE_CHECKING:
     from .trainer import Trainer
 
 WARMUP_STEPS = 3
-
-
-def warmup_beta(step: torch.Tensor, beta: float, length: int, schedule: str = "linear", cycles: int = 1) -> torch.Tensor:
-    """``schedules.kl_weight`` as a tensor on step's device (what Trainer.beta_at gives, read in the graph)."""
-    if length <= 0:
-        return torch.full_like(step, beta)
-    if schedule == "linear":
-        ramp = step / length
-    else:
-        t = step * cycles / length
-        ramp = (t - torch.floor(t)) / CYCLE_RAMP
-    return torch.where(step >= length, beta, torch.clamp(ramp, max=1.0) * beta)
 
 
 def set_capturable(optimizer: torch.optim.Optimizer, flag: bool) -> None:
@@ -55,16 +46,30 @@ def set_capturable(optimizer: torch.optim.Optimizer, flag: bool) -> None:
                     state["step"] = state["step"].to(p.device, torch.float32)
 
 
+def _tf32_switches() -> list[tuple[object, str, object]]:
+    """(object, attribute, value meaning TF32) for matmuls and convolutions: torch's fp32_precision API
+    where it has one (>= 2.9: reading the legacy allow_tf32 flags after it was used raises), else allow_tf32."""
+    b = torch.backends
+    if hasattr(b.cuda.matmul, "fp32_precision") and hasattr(getattr(b.cudnn, "conv", None), "fp32_precision"):
+        return [(b.cuda.matmul, "fp32_precision", "tf32"), (b.cudnn.conv, "fp32_precision", "tf32")]
+    return [(b.cuda.matmul, "allow_tf32", True), (b.cudnn, "allow_tf32", True)]
+
+
 @contextlib.contextmanager
 def tf32(enabled: bool) -> Iterator[None]:
-    """TF32 matmuls and convolutions on CUDA while training (restored afterwards)."""
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    if enabled:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    """TF32 matmuls and convolutions on CUDA while training (restored afterwards); nothing when not enabled."""
+    if not enabled:
+        yield
+        return
+    switches = _tf32_switches()
+    old = [getattr(obj, attr) for obj, attr, _ in switches]
+    for obj, attr, value in switches:
+        setattr(obj, attr, value)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        for (obj, attr, _), value in zip(switches, old):
+            setattr(obj, attr, value)
 
 
 def unsupported(trainer: Trainer) -> str | None:
@@ -104,31 +109,37 @@ class GraphStep:
         c, dev = trainer.config, trainer.device
         self.length = c.warmup * (trainer.steps_per_epoch if c.warmup_unit == "epochs" else 1)
         self.idx = torch.zeros(c.batch_size, dtype=torch.int64, device=dev)
-        self.step_t = torch.full((), float(trainer.step), dtype=torch.float64, device=dev)
+        # The KL weight of the step, read by the loss kernel from device memory: filled by the host before each
+        # step (Trainer.beta_at, exact) with no sync, so the graph holds no warm-up arithmetic.
+        self.beta = torch.zeros((), dtype=torch.float64, device=dev) if self.length else None
         self.stats = torch.zeros(3, dtype=torch.float64, device=dev)
+        self._ones: dict[torch.dtype, torch.Tensor] = {}  # d loss / d loss, static (created by the eager warm-up steps)
+        self.params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
         self.graph: torch.cuda.CUDAGraph | None = None
         self.failed = False
         self.warm = 0
         self._grads: list[torch.Tensor | None] = []
 
     def _body(self, idx: torch.Tensor) -> None:
+        """One training step, as captured: every op here is a node of the graph (tests/test_graphs.py counts them)."""
         t, c = self.trainer, self.trainer.config
-        batch = t.data[idx]
-        beta = warmup_beta(self.step_t, c.beta, self.length, c.warmup_schedule, c.cycles) if self.length else c.beta
+        batch = torch.index_select(t.data, 0, idx)
+        beta = self.beta if self.beta is not None else c.beta
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=c.amp, cache_enabled=False):  # no cast cache across a capture
             terms = t.model.loss_terms(batch, beta=beta, reduction="sum")
-        terms.loss.backward()
+        # autograd.grad, not backward(): no AccumulateGrad nodes; the static `one` saves a fill per step.
+        one = self._ones.get(terms.loss.dtype)
+        if one is None:
+            one = self._ones[terms.loss.dtype] = torch.ones((), dtype=terms.loss.dtype, device=terms.loss.device)
+        grads = torch.autograd.grad(terms.loss, self.params, one, allow_unused=True)
+        for p, g in zip(self.params, grads):
+            p.grad = g
         t.optimizer.step()
-        self.stats.copy_(torch.stack([terms.loss.detach(), terms.recon, terms.kl]))
-        self.step_t += 1
-
-    def _eager(self, idx: torch.Tensor) -> None:
-        self.trainer.optimizer.zero_grad(set_to_none=True)
-        self._body(idx)
+        with torch.no_grad():
+            torch.stack((terms.loss, terms.recon, terms.kl), out=self.stats)
 
     def _capture(self) -> bool:
-        params = [p for g in self.trainer.optimizer.param_groups for p in g["params"]]
-        self.trainer.optimizer.zero_grad(set_to_none=True)
+        _checks.flag_word(self.trainer.device)  # allocated outside the graph, so replays write the same word
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
@@ -139,7 +150,7 @@ class GraphStep:
             warn_once("graph:capture", f"fastvae: CUDA graph capture of the training step failed ({type(exc).__name__}: {exc}); training eagerly")
             return False
         self.graph = graph
-        self._grads = [p.grad for p in params]  # the graph's gradient buffers: keep them owned
+        self._grads = [p.grad for p in self.params]  # the graph's gradient buffers: keep them owned
         return True
 
     def step(self, idx: torch.Tensor) -> LossTerms:
@@ -148,8 +159,10 @@ class GraphStep:
         return LossTerms(*self.stats)
 
     def _run(self, idx: torch.Tensor) -> None:
+        if self.beta is not None:
+            self.beta.fill_(self.trainer.beta_at(self.trainer.step))
         if idx.shape[0] != self.idx.shape[0] or self.failed:
-            self._eager(idx)
+            self._body(idx)
             return
         self.idx.copy_(idx)
         if self.graph is None:
@@ -158,10 +171,10 @@ class GraphStep:
                 side = torch.cuda.Stream(self.trainer.device)
                 side.wait_stream(torch.cuda.current_stream(self.trainer.device))
                 with torch.cuda.stream(side):
-                    self._eager(self.idx)
+                    self._body(self.idx)
                 torch.cuda.current_stream(self.trainer.device).wait_stream(side)
                 return
             if not self._capture():
-                self._eager(self.idx)
+                self._body(self.idx)
                 return
         self.graph.replay()

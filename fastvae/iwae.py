@@ -33,17 +33,19 @@ def log_weights(model, x: torch.Tensor, k: int, *, beta: float = 1.0, seed: int 
     flat = model.flatten(x)
     target = x.reshape(flat.shape) if x.dtype == torch.uint8 else flat
     mu, logvar = model.encoder(flat)
-    z = reparameterize(mu, logvar, k=k, seed=seed, backend=model.backend)  # (k, B, L)
+    # z in float32 (float64 for float64 models): eps = (z - mu) / std below would cancel catastrophically
+    # in a z rounded to bfloat16 (autocast) wherever std << |mu|.
+    muf, lvf = _checks.accumulate(mu), _checks.accumulate(logvar)
+    zf = reparameterize(muf, lvf, k=k, seed=seed, backend=model.backend)  # (k, B, L)
     b = mu.shape[0]
 
     def repeat(t: torch.Tensor) -> torch.Tensor:
         return t.unsqueeze(0).expand(k, *t.shape).reshape(k * b, *t.shape[1:])
 
-    logits = model.decoder(z.reshape(k * b, -1))
+    logits = model.decoder(zf.to(mu.dtype).reshape(k * b, -1))
     # beta=0: the fused loss gives the reconstruction rows, with gradients, and nothing else.
     recon = loss_terms(logits, repeat(target), repeat(mu), repeat(logvar), beta=0.0, reduction="none",
                        likelihood=model.likelihood, backend=model.backend).loss.view(k, b)
-    zf, muf, lvf = _checks.accumulate(z), _checks.accumulate(mu), _checks.accumulate(logvar)
     eps = (zf - muf) * torch.exp(-0.5 * lvf)
     log_p_minus_log_q = (0.5 * (eps.pow(2) - zf.pow(2) + lvf)).sum(-1)  # the 2*pi terms cancel
     kl = kl_rows_reference(muf.detach(), lvf.detach())

@@ -182,10 +182,7 @@ class Trainer:
         checkpoint.check_config(state["config"], self.model.config(), path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        self.generator.set_state(state["rng"]["data"].cpu() if self.device.type == "cpu" else state["rng"]["data"])
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
+        restore_rng(state["rng"], self.generator, self.device)
         self.epoch, self.step, self.history = state["epoch"], state["step"], list(state["history"])
 
     def fit(self) -> list[dict[str, float]]:
@@ -194,7 +191,11 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             _trim_metrics(self.out_dir / METRICS, self.step)
         self._graph = graphs.engine(self)
-        with _checks.value_checks(False), graphs.tf32(self.config.tf32):  # the data was validated once in prepare_data
+        # The data was validated once (prepare_data): no separate Python value passes per step. The fused kernels'
+        # flags stay on (they cost nothing) and are read at every logging step (_check_values), on CPU too.
+        self._checked_step = self.step
+        _checks.clear_flags(self.device)  # only this run's steps are reported
+        with _checks.python_passes(False), _checks.deferred(), graphs.tf32(self.config.tf32):
             while self.epoch < self.config.epochs:
                 self.history.append(self._epoch())
                 self.epoch += 1
@@ -235,6 +236,7 @@ class Trainer:
             self.step += 1
             window_seen += rows.numel()
             if self.step % c.log_every == 0 or i == self.steps_per_epoch - 1:
+                self._check_values()
                 if self.shard is not None:
                     self.shard.all_reduce(window)
                 sums += window
@@ -257,17 +259,33 @@ class Trainer:
         """(terms for the metrics, the tensor to differentiate) for the batch `rows` of the data."""
         if self.shard is not None:
             return self.shard.loss_terms(self.data, rows, beta)
-        batch = self.data[rows]
+        batch = torch.index_select(self.data, 0, rows)  # on CPU 15x faster than data[rows] for uint8 rows
         if self.config.objective == "iwae":
             terms = iwae_terms(self.model, batch, self.config.k, beta=beta)
         else:
             terms = self.model.loss_terms(batch, beta=beta, reduction="sum", **condition)
         return terms, terms.loss
 
+    def _check_values(self) -> None:
+        """Raise what the fused kernels flagged (NaN/Inf, logvar > 88) since the last check, naming the steps."""
+        _checks.check_values(self.device, where=f"in steps {self._checked_step}..{self.step - 1} of epoch {self.epoch + 1}")
+        self._checked_step = self.step
+
     def _log(self, record: dict[str, Any]) -> None:
         if self.out_dir is not None:
             with open(self.out_dir / METRICS, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def restore_rng(rng: dict[str, torch.Tensor], generator: torch.Generator, device: torch.device) -> None:
+    """Set torch's, the data order's and (on CUDA) the device's RNG states from a checkpoint loaded onto `device`.
+
+    Every ``set_state`` takes a CPU ByteTensor, whatever the generator's device: the states come back to the CPU.
+    """
+    torch.set_rng_state(rng["torch"].cpu())
+    generator.set_state(rng["data"].cpu())
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
 
 
 def _trim_metrics(path: Path, step: int) -> None:

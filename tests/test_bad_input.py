@@ -1,7 +1,10 @@
-"""Bad input: each case gets a ValueError/TypeError naming the argument and the fix, before any kernel runs.
+"""Bad input: each case gets a ValueError/TypeError naming the argument and the fix.
 
-A spy implementation stands in for the accelerated backend "auto" would pick, so every case also
-checks that no kernel was called.
+Shapes, dtypes, devices and arguments are refused before any kernel runs: a spy implementation
+stands in for the accelerated backend "auto" would pick, and every such case checks that no kernel
+was called. Bad values (NaN/Inf, targets outside [0, 1], logvar > 88) are found by the fused
+kernel in its one pass (a stand-in that honours the flag-word contract) or by the torch backend's
+own checks, with the same error.
 """
 import math
 
@@ -9,6 +12,7 @@ import pytest
 import torch
 
 import fastvae
+from fastvae import _checks
 from fastvae.cli import main
 from fastvae.functional import decode_latents, kl_divergence, loss_terms, reparameterize, vae_loss
 
@@ -66,12 +70,7 @@ CASES = [
     ("empty-batch-loss", lambda: loss_terms(torch.zeros(0, 6), torch.zeros(0, 6), torch.zeros(0, 3), torch.zeros(0, 3)), ValueError, r"the batch is empty \(0 rows\); pass at least one sample"),
     ("empty-batch-kl-mean", lambda: kl_divergence(torch.zeros(0, 3), torch.zeros(0, 3), "mean"), ValueError, "empty batch .* reduction='mean' is undefined"),
     ("empty-z-decode", lambda: decode_latents(_tiny(), torch.zeros(0, 3)), ValueError, r"z holds no latents \(0 rows\)"),
-    ("nan-logits", lambda: loss_terms(*_replace(_loss_args(), 0, torch.full((4, 6), math.nan))), ValueError, "logits contains NaN or Inf; check the data and the learning rate"),
-    ("inf-mu", lambda: reparameterize(torch.tensor([[0.0, math.inf]]), torch.zeros(1, 2)), ValueError, "mu contains NaN or Inf"),
-    ("nan-targets", lambda: loss_terms(*_replace(_loss_args(), 1, torch.full((4, 6), math.nan))), ValueError, "x contains NaN or Inf"),
-    ("bernoulli-targets-above-1", lambda: loss_terms(*_replace(_loss_args(), 1, torch.full((4, 6), 1.5))), ValueError, r"x \(targets\) must lie in \[0, 1\] for the Bernoulli likelihood; scale the data to \[0, 1\] or use likelihood='gaussian'"),
     ("bernoulli-targets-negative-vae-loss", lambda: vae_loss(torch.full((4, 6), 0.5), torch.full((4, 6), -0.1), *_latents()), ValueError, r"x \(targets\) must lie in \[0, 1\]"),
-    ("logvar-overflows-exp", lambda: reparameterize(torch.zeros(2, 2), torch.full((2, 2), 89.0)), ValueError, r"logvar has values above 88.0: exp\(logvar\) overflows float32.*lower the learning rate"),
     ("k-zero", lambda: reparameterize(*_latents(), k=0), ValueError, r"k \(samples per input\) must be >= 1, got 0"),
     ("k-float", lambda: reparameterize(*_latents(), k=1.5), TypeError, r"k \(samples per input\) must be an int >= 1, got 1.5"),
     ("chunk-size-zero", lambda: decode_latents(_tiny(), n=4, latent_dim=3, chunk_size=0), ValueError, "chunk_size must be >= 1, got 0"),
@@ -93,6 +92,42 @@ CASES = [
 
 @pytest.mark.parametrize("call, exc, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_refused_before_any_kernel(spy, call, exc, message):
+    with pytest.raises(exc, match=message):
+        call()
+
+
+# Bad values: the fused kernels find them in the pass they make anyway (a flag word, read at once on
+# the CPU), the torch backend in separate Python checks; the error is the same.
+VALUE_CASES = [
+    ("nan-logits", lambda: loss_terms(*_replace(_loss_args(), 0, torch.full((4, 6), math.nan))), ValueError, "logits contains NaN or Inf; check the data and the learning rate"),
+    ("inf-mu", lambda: reparameterize(torch.tensor([[0.0, math.inf]]), torch.zeros(1, 2)), ValueError, "mu contains NaN or Inf"),
+    ("nan-targets", lambda: loss_terms(*_replace(_loss_args(), 1, torch.full((4, 6), math.nan))), ValueError, "x contains NaN or Inf"),
+    ("bernoulli-targets-above-1", lambda: loss_terms(*_replace(_loss_args(), 1, torch.full((4, 6), 1.5))), ValueError, r"x \(targets\) must lie in \[0, 1\] for the Bernoulli likelihood; scale the data to \[0, 1\] or use likelihood='gaussian'"),
+    ("logvar-overflows-exp", lambda: reparameterize(torch.zeros(2, 2), torch.full((2, 2), 89.0)), ValueError, r"logvar has values above 88.0: exp\(logvar\) overflows float32.*lower the learning rate"),
+]
+
+
+@pytest.fixture
+def contract(monkeypatch):
+    fake.isolate(monkeypatch)
+    monkeypatch.setenv("FASTVAE_STRICT", "1")  # a contract violation (AssertionError in the fake) must not fall back quietly
+    impl = fake.Contract()
+    for op in ("reparam", "loss"):
+        fake.install(monkeypatch, op, impl)
+    return impl
+
+
+@pytest.mark.parametrize("call, exc, message", [c[1:] for c in VALUE_CASES], ids=[c[0] for c in VALUE_CASES])
+def test_bad_values_flagged_by_the_fused_kernel(contract, call, exc, message):
+    with pytest.raises(exc, match=message):
+        call()
+    assert [d["flags"] for fn, d in contract.calls if fn.endswith("forward")] == [True]  # one kernel, given the flag word
+    assert all(int(w.tensor.item()) == 0 for w in _checks._words.values())  # read and cleared
+
+
+@pytest.mark.parametrize("call, exc, message", [c[1:] for c in VALUE_CASES], ids=[c[0] for c in VALUE_CASES])
+def test_bad_values_found_by_the_torch_backend(monkeypatch, call, exc, message):
+    monkeypatch.setenv("FASTVAE_BACKEND", "torch")
     with pytest.raises(exc, match=message):
         call()
 

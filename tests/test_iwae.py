@@ -133,3 +133,35 @@ def test_evaluate_refuses_bad_arguments():
         fastvae.evaluate(model, torch.rand(0, 37))
     with pytest.raises(ValueError, match="input_dim=37"):
         fastvae.evaluate(model, torch.rand(3, 36))
+
+
+class _Posterior(torch.nn.Module):
+    """An encoder that returns given (mu, logvar) leaves."""
+
+    def __init__(self, mu, logvar):
+        super().__init__()
+        self.mu, self.logvar = mu, logvar
+
+    def forward(self, flat):
+        return self.mu, self.logvar
+
+
+def test_bf16_log_weights_and_grad_logvar_match_float32_with_the_same_eps():
+    """A z rounded to bfloat16 would give eps = (z - mu) / std errors of order |mu| 2^-8 / std (here ~100%)."""
+    g = torch.Generator().manual_seed(4)
+    b, k, lat = 6, 3, 5
+    model = fastvae.VAE(input_dim=37, hidden_dims=(13,), latent_dim=lat).to(torch.bfloat16)
+    mu = (3 * torch.randn(b, lat, generator=g)).to(torch.bfloat16).requires_grad_()
+    logvar = torch.full((b, lat), -9.0, dtype=torch.bfloat16).requires_grad_()  # std ~ 0.011 << |mu|
+    model.encoder = _Posterior(mu, logvar)
+    x = torch.rand(b, 37, generator=g).to(torch.bfloat16)
+    w = log_weights(model, x, k, seed=13)
+    prior_ratio = w.log_w + w.recon  # beta (log p(z) - log q(z|x)): the part that depends on eps
+    prior_ratio.sum().backward()
+    mu32, lv32 = mu.detach().float().requires_grad_(), logvar.detach().float().requires_grad_()
+    eps = philox.randn(13, k * mu.numel()).view(k, b, lat)
+    z = mu32 + eps * torch.exp(0.5 * lv32)
+    want = (0.5 * (eps.pow(2) - z.pow(2) + lv32)).sum(-1)
+    want.sum().backward()
+    torch.testing.assert_close(prior_ratio.detach(), want.detach(), rtol=1e-3, atol=0.05)
+    torch.testing.assert_close(logvar.grad.float(), lv32.grad, rtol=2e-2, atol=1e-2)

@@ -6,10 +6,11 @@ stream of ``fastvae.ops.philox`` indexed by global element, so the result does n
 the chunk size or the backend.
 
 Backend interface (both optional):
-    decode_mlp(layers: list[(weight, bias)], z | None, seed: int, start: int, out) -> None
+    decode_mlp(layers: list[(weight, bias)], z | None, seed: int | Tensor, start: int, out) -> None
         the whole MLP decoder (ReLU between layers, sigmoid at the end) for the chunk of rows
         start .. start + len(out); when z is None it draws them from the prior (Philox stream
-        `seed`, element offset start * latent_dim); ``out`` is float or uint8.
+        `seed`, element offset start * latent_dim); ``out`` is float or uint8. With ``tensor_seed =
+        True`` `seed` may be a 0-dim int64 tensor on the device (unseeded CUDA calls pass one).
     to_image(values, out, from_logits: bool) -> None
         the elementwise tail: sigmoid (if logits) and, for uint8 ``out``, quantisation.
 """
@@ -121,7 +122,13 @@ def decode_latents(
     layers = mlp_layers(decoder)
     name, impl = backends.pick(OP, backend, like if like.numel() else torch.empty(0))
     fused_mlp = getattr(impl, "decode_mlp", None) if layers is not None else None
-    stream = seed if seed is not None or fused_mlp is None else new_seed()
+    stream: int | torch.Tensor = seed if seed is not None else 0  # 0: unused when z is given
+    if seed is None and fused_mlp is not None and z is None:
+        # a fresh seed, drawn on the device on CUDA (a captured sampling graph then draws new latents per replay)
+        tensor_seed = getattr(impl, "tensor_seed", False)
+        stream = new_seed(like=like, on_device=tensor_seed)
+        if isinstance(stream, torch.Tensor) and not tensor_seed:
+            fused_mlp = None  # a kernel that takes int seeds only, during a capture: torch.randn in PyTorch instead
     widths = [w.shape[0] for w, _ in layers] if layers else [1024]
     chunk = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // max(widths))
 
