@@ -227,6 +227,7 @@ def callable_for(op: str, impl: str, backward: bool, leaves: list[torch.Tensor],
             with contextlib.nullcontext() if checked else fastvae.value_checks(False):
                 return call(*a)
     elif impl == "compile":
+        torch._dynamo.reset()  # one compile per case: dynamo stops recompiling (and runs eager) past its per-function cache limit
         fused = torch.compile(EAGER[op]["eager-best"], dynamic=False)
     else:
         fused = EAGER[op][impl]

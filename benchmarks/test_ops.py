@@ -64,6 +64,7 @@ def test_op(benchmark, case, impl):
         "dtype": str(dtype).removeprefix("torch."), "device": DEV.type,
         "bytes": common.bytes_moved(op, shape, dtype, backward), "peak_mem_mb": peak,
         **({"value_checks": common.split_impl(impl)[1]} if common.is_fastvae(impl) else {}),
+        **({"compiled": "eager-best"} if impl == "compile" else {}),
     })
     if mode == "only":
         benchmark.pedantic(timed, rounds=1, iterations=1)  # the peak is the result; this time is not reported

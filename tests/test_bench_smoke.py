@@ -139,11 +139,13 @@ def test_dropin_part_runs_the_file_when_it_exists_and_renders_its_table(monkeypa
 
 
 def test_ops_table_reads_older_files_as_what_they_measured():
-    """Before the honest baselines "eager" was the seed's formulation and fastvae ran with checks off."""
+    """Before the honest baselines "eager" was the seed's formulation (and "compile" compiled it) and
+    fastvae ran with checks off."""
     rec = {"name": "loss.fwd", "shape": [1, 2, 3], "dtype": "float32", "gbps": 1.0}
-    old = {"results": [{**rec, "backend": "eager", "median_ms": 3.0}, {**rec, "backend": "cpp", "median_ms": 1.0}]}
+    old = {"results": [{**rec, "backend": "eager", "median_ms": 3.0}, {**rec, "backend": "cpp", "median_ms": 1.0},
+                       {**rec, "backend": "compile", "median_ms": 2.0}]}
     table = report.ops_table(old)
-    assert "eager-seed ms" in table and "fastvae[cpp] checks off ms" in table
+    assert "eager-seed ms" in table and "fastvae[cpp] checks off ms" in table and "compile of eager-seed ms" in table
     assert table.splitlines()[-1].endswith("| - | - | - |")  # no default-path fastvae, no eager-best: no speed-up claimed
     new = {"results": [{**rec, "backend": "cuda", "value_checks": True, "median_ms": 1.0, "x_dtype": "uint8"},
                        {**rec, "backend": "eager-best", "median_ms": 4.0, "x_dtype": "uint8"}]}
