@@ -18,13 +18,16 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 import xml.etree.ElementTree as ET
@@ -172,6 +175,11 @@ def environment(ctx: Ctx) -> None:
     gbps = copy_gbps(ctx.dev, nbytes)
     ctx.detail("copy_gbps", gbps)
     ctx.check(f"copy bandwidth ({nbytes >> 20} MiB copy_)", True, f"{gbps:.0f} GB/s")
+    try:
+        images = _images(ctx)
+        ctx.check("Fashion-MNIST training images", True, f"{len(images)} from {ctx.data_dir or 'a standard place'}")
+    except FileNotFoundError as exc:
+        ctx.check("Fashion-MNIST training images", False, note=str(exc)[:1000])
     backends = _backends_module()
     status = {op: {b: "available" if b == "torch" or backends.load(op, b) is not None else backends._errors.get((op, b), "not implemented")
                    for b in ("torch", "triton")} for op in ("loss", "reparam", "decode")}
@@ -202,9 +210,10 @@ def extension_build(ctx: Ctx) -> None:
 
 def wait_for_build(ctx: Ctx) -> str | None:
     """None once the background extension build has succeeded; else why the C++/CUDA backends are out."""
-    path = ctx.work / "extension-build.jsonl"
+    from .gpu_check import read_lines
+
     while ctx.left() > 0:
-        lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        lines = read_lines(ctx.work / "extension-build.jsonl")
         result = next((line["value"] for line in lines if line["t"] == "detail" and line["key"] == "result"), None)
         if result is not None:
             return None if result["ok"] else f"the extension did not build: {result['reason'][:300]}"
@@ -485,11 +494,18 @@ def graph_engine(ctx: Ctx) -> None:
     else:
         rows = torch.arange(128, device=ctx.dev)
         per_step, copies, names = _kernels(lambda: engine.step(rows), reps=10)
+        nodes = _graph_nodes(engine.graph, ctx.work)
         ctx.detail("kernels in a replay", dict(names.most_common()))
         ctx.detail("kernels per step", per_step)
-        ctx.detail("graph nodes (debug_dump)", _graph_nodes(engine.graph, ctx.work))
-        ctx.check("kernels per captured training step", per_step <= KERNEL_BUDGET, f"{per_step:.0f} (+ {copies:.0f} copies)",
-                  note=f"budget {KERNEL_BUDGET}, contract ~65; names in the JSON")
+        ctx.detail("graph nodes (debug_dump)", nodes)
+        if per_step:  # the profiler saw the kernels inside the replays
+            ctx.check("kernels per captured training step", per_step <= KERNEL_BUDGET, f"{per_step:.0f} (+ {copies:.0f} copies)",
+                      note=f"torch.profiler; budget {KERNEL_BUDGET}, contract ~65; graph nodes {nodes}")
+        elif nodes.get("KERNEL"):
+            ctx.check("kernels per captured training step", nodes["KERNEL"] <= KERNEL_BUDGET, str(nodes["KERNEL"]),
+                      note=f"kernel nodes of the graph (the profiler saw none inside replays); budget {KERNEL_BUDGET}, contract ~65")
+        else:
+            ctx.check("kernels per captured training step", None, note=f"neither the profiler nor debug_dump showed the kernels: {nodes}")
         syncs = _syncs(lambda: engine.step(rows), reps=20) / 20
         ctx.detail("syncs per step", syncs)
         ctx.check("host syncs per replayed step", syncs == 0, f"{syncs:g}")
@@ -525,7 +541,7 @@ def new_eps(ctx: Ctx) -> None:
         per_replay, _, names = _kernels(graph.replay, reps=3)
         differs = not torch.equal(first, z) and bool(torch.isfinite(z).all())
         report[backend] = {"differs": differs, "kernels_per_replay": per_replay, "kernels": dict(names)}
-        ctx.check(f"new eps per replay [{backend}]", differs, f"{per_replay:.0f} kernels per replay")
+        ctx.check(f"new eps per replay [{backend}]", differs, f"{per_replay:.0f} kernels per replay" if per_replay else None)
     ctx.detail("captured reparameterize", report)
 
 
@@ -680,7 +696,24 @@ STEPS: dict[str, Callable[[Ctx], None]] = {
 }
 
 
+def _watchdog(deadline: float) -> None:
+    """End this step (and what it started) once it is well past its deadline or gpu_check itself is
+    gone (killed by a lease's time-out): a step in its own session would otherwise run on."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while time.time() < deadline + 20 and os.getppid() == parent:
+            time.sleep(2)
+        print("[gpu_check] step stopped by its watchdog (past its deadline, or gpu_check is gone)", flush=True)
+        if os.getpgrp() == os.getpid():
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        os._exit(124)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def child_main(name: str, work: str, device: str, dry: bool, data_dir: str | None, deadline: float) -> int:
     """Run one step in this process (``python -m benchmarks.gpu_check --child NAME``)."""
+    _watchdog(deadline)
     STEPS[name](Ctx(name, Path(work), device, dry, data_dir, deadline))
     return 0

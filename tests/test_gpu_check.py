@@ -17,7 +17,7 @@ HEAD = ("device", "device_name", "torch", "triton", "cuda", "python", "command",
 
 
 @pytest.mark.skipif(os.environ.get("FASTVAE_GPU_CHECK_CHILD") == "1", reason="inside gpu_check itself: no recursion")
-def test_dry_run_reports_every_step_in_the_suites_schema(tmp_path):
+def test_dry_run_reports_every_step_in_the_suites_schema(tmp_path, real_data):
     before = sorted(p.name for p in (ROOT / "benchmarks" / "results").iterdir())
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(out)], cwd=ROOT,
