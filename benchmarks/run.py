@@ -157,12 +157,12 @@ def run_dropin(preset: str, dev: torch.device, extra: list[str]) -> tuple[list[d
 
 def outputs(args: argparse.Namespace, preset: str, dev: torch.device) -> tuple[Path, bool]:
     """(results file, publish?): a full run without --out publishes into benchmarks/results and
-    README.md; anything else writes to --out or a new temporary folder."""
+    README.md; anything else writes to --out, an explicit --results-dir, or a new temporary folder."""
     name = f"{slug(dev)}-{dt.date.today().isoformat()}.json"
     publish = preset == "full" and args.out is None
     if args.out:
         return Path(args.out), publish
-    if publish:
+    if publish or args.results_dir:
         return Path(args.results_dir or report.RESULTS) / name, publish
     return Path(tempfile.mkdtemp(prefix="fastvae-bench-")) / name, publish
 

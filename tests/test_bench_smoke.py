@@ -87,6 +87,17 @@ def test_full_run_publishes_results_chart_and_readme(monkeypatch, tmp_path):
     assert "| loss.fwd_bwd | 8x4x2 | float32 |" in text and "- skipped 1x: cuda: no GPU here" in text
 
 
+def test_smoke_updates_a_readme_and_results_folder_named_explicitly(monkeypatch, tmp_path):
+    monkeypatch.setattr(run, "run_ops", _canned_ops)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.START}\nold\n{report.END}\n")
+    before = _committed_state()
+    assert run.main(["--smoke", "--device", "cpu", "--parts", "ops", "--results-dir", str(tmp_path), "--readme", str(readme)]) == 0
+    assert _committed_state() == before
+    assert len(list(tmp_path.glob("cpu-*.json"))) == 1 and (tmp_path / "chart.png").exists()
+    assert "| loss.fwd_bwd | 8x4x2 | float32 |" in readme.read_text()
+
+
 def test_unsupported_dtype_is_skipped_with_its_reason(monkeypatch, tmp_path):
     """The C++ kernels take float32/float64: at bfloat16 the run goes on and the results say why."""
     monkeypatch.setenv("FASTVAE_BENCH_DTYPES", "bfloat16")
