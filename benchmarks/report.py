@@ -1,13 +1,22 @@
-"""Results files -> the README performance table and benchmarks/results/chart.png."""
+"""Results files -> the README performance tables and benchmarks/results/chart.png.
+
+Results files written before the honest baselines (benchmarks/common.py) are read as what they
+measured: their "eager" is the seed's formulation ("eager-seed"), their "compile" compiled it
+("compile-seed"), and their fastvae backends ran with value checks off ("<backend>-nochecks").
+"""
 from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-BASELINES = ("eager", "compile")
+BASELINES = ("eager-best", "eager-seed", "compile", "compile-seed")
+FASTVAE = ("torch", "triton", "cpp", "cuda")
+NOCHECKS = "-nochecks"
+NOT_OPS = ("reference_run", "dropin.step")
 
 
 def load_all(results_dir: Path = RESULTS) -> list[dict]:
@@ -24,37 +33,116 @@ def latest_per_device(runs: list[dict]) -> list[dict]:
     return list(by_device.values())
 
 
-def label(backend: str) -> str:
-    """Baselines by name, fastvae's backends as fastvae[name]."""
-    return backend if backend in BASELINES else f"fastvae[{backend}]"
+def impl_of(record: dict) -> str:
+    """The implementation a record timed, with the legacy names of older files translated."""
+    backend = record["backend"]
+    if backend == "eager":
+        return "eager-seed"
+    if backend == "compile" and "compiled" not in record:
+        return "compile-seed"
+    if backend in FASTVAE and "value_checks" not in record:
+        return backend + NOCHECKS  # the suite before the honest baselines timed fastvae with the checks off
+    return backend
+
+
+def label(impl: str) -> str:
+    """Baselines by name, fastvae's backends as fastvae[name] (", checks off" for the -nochecks variants)."""
+    if impl == "compile-seed":
+        return "compile of eager-seed"
+    if impl in BASELINES:
+        return impl
+    if impl.endswith(NOCHECKS):
+        return f"fastvae[{impl.removesuffix(NOCHECKS)}] checks off"
+    return f"fastvae[{impl}]"
 
 
 def _fmt_ms(ms: float) -> str:
     return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
 
 
-def ops_table(run: dict) -> str:
-    """One row per (op, pass, shape, dtype): median ms (GB/s) per backend, then two ratios side by
-    side from the same run: eager / best fastvae, and fastvae[torch] / best fused kernel."""
+def _op_rows(run: dict) -> dict[tuple, dict[str, dict]]:
+    """(name, shape, dtype, target dtype) -> {impl: record} for the op benchmarks of a run."""
     rows: dict[tuple, dict[str, dict]] = {}
     for r in run["results"]:
-        if r["name"] == "reference_run":
+        if r["name"] in NOT_OPS or r.get("op") == "dropin":
             continue
-        rows.setdefault((r["name"], tuple(r["shape"]), r["dtype"]), {})[r["backend"]] = r
-    impls = [*BASELINES, *sorted({b for cells in rows.values() for b in cells} - set(BASELINES))]
-    head = "| op | shape | dtype | " + " | ".join(f"{label(b)} ms (GB/s)" for b in impls) + " | eager / best fastvae | torch / best fused |"
-    lines = [head, "|" + " --- |" * (len(impls) + 5)]
-    for (name, shape, dtype), cells in rows.items():
-        vals = [f"{_fmt_ms(cells[b]['median_ms'])} ({cells[b]['gbps']:.3g})" if b in cells else "-" for b in impls]
-        lines.append(f"| {name} | {'x'.join(map(str, shape))} | {dtype} | " + " | ".join(vals)
-                     + f" | {_ratio(cells, 'eager', set(BASELINES))} | {_ratio(cells, 'torch', {*BASELINES, 'torch'})} |")
+        cells = rows.setdefault((r["name"], tuple(r["shape"]), r["dtype"], r.get("x_dtype", r["dtype"])), {})
+        old = cells.get(impl_of(r))
+        if old is None or old.get("timer") != "cuda-events" or r.get("timer") == "cuda-events":  # CUDA events beat host clocks
+            cells[impl_of(r)] = r
+    return rows
+
+
+def _impl_order(impls: set[str]) -> list[str]:
+    fused = sorted(i for i in impls if i not in BASELINES and not i.endswith(NOCHECKS))
+    return [b for b in BASELINES if b in impls] + fused + sorted(i for i in impls if i.endswith(NOCHECKS))
+
+
+def _best(cells: dict[str, dict], checked: bool) -> tuple[str, float] | None:
+    """The fastest fastvae variant of a row on its default path (checked) or with checks off."""
+    times = [(i, c["median_ms"]) for i, c in cells.items() if i not in BASELINES and i.endswith(NOCHECKS) != checked]
+    return min(times, key=lambda t: t[1]) if times else None
+
+
+def _speedup(base: float | None, best: tuple[str, float] | None) -> str:
+    """base / best as "1.52x (cpp)", or "-"."""
+    if base is None or best is None:
+        return "-"
+    return f"{base / best[1]:.2f}x ({best[0].removesuffix(NOCHECKS)})"
+
+
+def ops_table(run: dict) -> str:
+    """One row per (op, pass, shape, dtype): median ms (GB/s) per implementation, then speed-ups from
+    the same run: the fastest fastvae backend on its default path (value checks on, as users call
+    it) over eager-best and over eager-seed, and what turning the checks off gains."""
+    rows = _op_rows(run)
+    if not rows:
+        return ""
+    impls = _impl_order({i for cells in rows.values() for i in cells})
+    head = ("| op | shape | dtype | " + " | ".join(f"{label(i)} ms (GB/s)" for i in impls)
+            + " | fastvae vs eager-best | fastvae vs eager-seed | checks off vs on |")
+    lines = [head, "|" + " --- |" * (len(impls) + 6)]
+    for (name, shape, dtype, x_dtype), cells in rows.items():
+        vals = [f"{_fmt_ms(cells[i]['median_ms'])} ({cells[i]['gbps']:.3g})" if i in cells and cells[i].get("gbps") else
+                _fmt_ms(cells[i]["median_ms"]) if i in cells else "-" for i in impls]
+        best, off = _best(cells, True), _best(cells, False)
+        base = {b: cells[b]["median_ms"] if b in cells else None for b in ("eager-best", "eager-seed")}
+        gain = f"{best[1] / off[1]:.2f}x" if best and off else "-"
+        dt = dtype if x_dtype == dtype else f"{dtype}, x {x_dtype}"
+        lines.append(f"| {name} | {'x'.join(map(str, shape))} | {dt} | " + " | ".join(vals)
+                     + f" | {_speedup(base['eager-best'], best)} | {_speedup(base['eager-seed'], best)} | {gain} |")
     return "\n".join(lines)
 
 
-def _ratio(cells: dict[str, dict], base: str, exclude: set[str]) -> str:
-    """cells[base]'s time over the fastest backend not in `exclude`, or "-"."""
-    fast = [c["median_ms"] for b, c in cells.items() if b not in exclude]
-    return f"{cells[base]['median_ms'] / min(fast):.2f}x" if fast and base in cells else "-"
+def dropin_table(run: dict) -> str:
+    """Users' own VAEs, one training step at their batch size: the plain model ("user"), the same
+    model through fastvae.accelerate ("accelerated") and on fastvae's engine ("engine"); the fastest
+    backend of each, and the speed-ups over the plain model."""
+    rows: dict[tuple, dict[str, dict]] = {}
+    for r in run["results"]:
+        if r.get("op") != "dropin":
+            continue
+        cells = rows.setdefault((r["model"], tuple(r["shape"]), r["dtype"]), {})
+        if r["impl"] not in cells or r["median_ms"] < cells[r["impl"]]["median_ms"]:
+            cells[r["impl"]] = r
+    if not rows:
+        return ""
+    lines = ["| your VAE | batch | dtype | user ms | accelerated ms | engine ms | accelerated speed-up | engine speed-up |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def cell(c: dict[str, dict], impl: str) -> str:
+        if impl not in c:
+            return "-"
+        backend = c[impl].get("backend")
+        return _fmt_ms(c[impl]["median_ms"]) + (f" ({backend})" if impl != "user" and backend else "")
+
+    def ratio(c: dict[str, dict], impl: str) -> str:
+        return f"{c['user']['median_ms'] / c[impl]['median_ms']:.2f}x" if "user" in c and impl in c else "-"
+
+    for (model, shape, dtype), c in rows.items():
+        lines.append(f"| {model} | {'x'.join(map(str, shape))} | {dtype} | {cell(c, 'user')} | {cell(c, 'accelerated')} | "
+                     f"{cell(c, 'engine')} | {ratio(c, 'accelerated')} | {ratio(c, 'engine')} |")
+    return "\n".join(lines)
 
 
 def reference_table(run: dict) -> str:
@@ -71,17 +159,21 @@ def reference_table(run: dict) -> str:
     return "\n".join(lines)
 
 
+def skipped_note(run: dict) -> str:
+    """One line per distinct reason a benchmark was skipped, with how many it skipped."""
+    reasons = Counter(s["reason"] for s in run.get("skipped", []))
+    return "\n".join(f"- skipped {n}x: {reason}" for reason, n in reasons.items())
+
+
 def readme_block(runs: list[dict]) -> str:
     """Markdown for the README: the latest run of each device."""
     parts = []
     for run in latest_per_device(runs):
         parts.append(f"**{run['device_name']}** ({run['date'][:10]}, commit {' + '.join(c[:10] for c in run['git_commit'].split(' + '))}, torch {run['torch']}; "
                      f"`{run['command']}`; median of repeated calls, GB/s = bytes that must move / time)\n")
-        parts.append(ops_table(run))
-        ref = reference_table(run)
-        if ref:
-            parts.append("\n" + ref)
-        parts.append("")
+        for table in (ops_table(run), dropin_table(run), reference_table(run), skipped_note(run)):
+            if table:
+                parts.append(table + "\n")
     return "\n".join(parts).strip() + "\n"
 
 
@@ -97,31 +189,33 @@ def rewrite_block(path: str | Path, text: str) -> bool:
 
 
 def chart(runs: list[dict], out: str | Path) -> Path:
-    """Speed-up over eager PyTorch per benchmark and backend, one panel per results file."""
+    """Speed-up over the best eager formulation (the seed's, for older files) per benchmark and
+    implementation, one panel per results file."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in runs if any(x["name"] != "reference_run" for x in r["results"])] or runs
+    runs = [r for r in runs if _op_rows(r)] or runs
     width_in = max(12, 0.9 * max(len(r["results"]) for r in runs) / 3)
     fig, axes = plt.subplots(len(runs), 1, figsize=(width_in, 4.5 * len(runs)), squeeze=False)
     for ax, run in zip(axes[:, 0], runs):
-        eager = {(r["name"], tuple(r["shape"]), r["dtype"]): r["median_ms"] for r in run["results"] if r["backend"] == "eager"}
-        keys = list(eager)
-        impls = sorted({r["backend"] for r in run["results"] if r["name"] != "reference_run"} - {"eager"})
+        rows = _op_rows(run)
+        base = "eager-best" if any("eager-best" in c for c in rows.values()) else "eager-seed"
+        keys = [k for k, c in rows.items() if base in c]
+        impls = [i for i in _impl_order({i for c in rows.values() for i in c}) if i != base]
         width = 0.8 / max(1, len(impls))
         for j, impl in enumerate(impls):
-            ms = {(r["name"], tuple(r["shape"]), r["dtype"]): r["median_ms"] for r in run["results"] if r["backend"] == impl}
-            xs = [i + j * width for i, k in enumerate(keys) if k in ms]
-            ax.bar(xs, [eager[k] / ms[k] for k in keys if k in ms], width, label=label(impl))
+            xs = [i + j * width for i, k in enumerate(keys) if impl in rows[k]]
+            ax.bar(xs, [rows[k][base]["median_ms"] / rows[k][impl]["median_ms"] for k in keys if impl in rows[k]], width, label=label(impl))
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_yscale("log")
-        ax.set_ylabel("speed-up over eager")
+        ax.set_ylabel(f"speed-up over {base}")
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))])
-        ax.set_xticklabels([f"{n} {'x'.join(map(str, s))} {d}" for n, s, d in keys], fontsize=7, rotation=30, ha="right")
-        ax.set_title(f"{run['device_name']} - {run['date'][:10]} ({run['file']})", fontsize=9)
-        ax.legend(fontsize=8)
+        ax.set_xticklabels([f"{n} {'x'.join(map(str, s))} {d}" + ("" if x == d else f" x:{x}") for n, s, d, x in keys], fontsize=7, rotation=30, ha="right")
+        ax.set_title(f"{run['device_name']} - {run['date'][:10]} ({run.get('file', '')})", fontsize=9)
+        if impls:
+            ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=110)
@@ -130,22 +224,28 @@ def chart(runs: list[dict], out: str | Path) -> Path:
 
 
 def _key(record: dict) -> tuple:
-    return record["name"], record["backend"], tuple(record["shape"]), record["dtype"]
+    return (record["name"], record["backend"], tuple(record["shape"]), record["dtype"], record.get("x_dtype"),
+            record.get("model"), record.get("impl"))
+
+
+def merge_docs(old: dict, new: dict) -> dict:
+    """`new` with the records (and skips) of `old` that it does not replace; commands and commits joined."""
+    if old.get("device_name") != new.get("device_name"):
+        raise ValueError(f"these results come from different devices: {sorted({old.get('device_name'), new.get('device_name')})}")
+    records = {_key(r): r for r in old["results"]}
+    records.update({_key(r): r for r in new["results"]})
+    skips = {json.dumps(s, sort_keys=True): s for s in [*old.get("skipped", []), *new.get("skipped", [])]}
+    return {**old, **new, "results": list(records.values()), "skipped": list(skips.values()),
+            "command": " && ".join(dict.fromkeys([*old["command"].split(" && "), *new["command"].split(" && ")])),
+            "git_commit": " + ".join(dict.fromkeys([*old["git_commit"].split(" + "), *new["git_commit"].split(" + ")]))}
 
 
 def merge(files: list[str | Path]) -> dict:
     """One results document from several runs on one device (later records replace equal keys)."""
     docs = [json.loads(Path(f).read_text()) for f in files]
-    if len({d["device_name"] for d in docs}) > 1:
-        raise ValueError(f"these files come from different devices: {sorted({d['device_name'] for d in docs})}")
-    out = dict(docs[0])
-    records: dict[tuple, dict] = {}
-    for d in docs:
-        records.update({_key(r): r for r in d["results"]})
-    out["command"] = " && ".join(dict.fromkeys(d["command"] for d in docs))
-    out["git_commit"] = " + ".join(dict.fromkeys(c for d in docs for c in d["git_commit"].split(" + ")))
-    out["load_avg_end"] = docs[-1].get("load_avg_end")
-    out["results"] = list(records.values())
+    out = docs[0]
+    for d in docs[1:]:
+        out = merge_docs(out, d)
     return out
 
 
