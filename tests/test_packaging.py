@@ -101,3 +101,18 @@ def test_no_tools_wheels_or_build_outputs_are_committed():
         pytest.skip("not a git checkout")
     outputs = (".whl", ".so", ".o", ".pyc", ".egg", ".tar.gz", ".zip", ".exe")
     assert [f for f in tracked if f.endswith(outputs) or f.startswith(("build/", "dist/"))] == []
+
+
+def test_ninja_is_installed_before_the_first_build():
+    """A first build by the system's ninja and a rebuild by the venv's (which `pip install -e` brings
+    after building) do not share a build log: ninja 1.13 starts over on 1.11's and recompiles all.
+    So README's first command installs ninja before building, CI likewise, and the package depends
+    on it (a pure wheel's JIT fallback needs it too)."""
+    import re
+    import tomllib
+
+    first = re.findall(r"```bash\n(.*?)\n```", (ROOT / "README.md").read_text(), flags=re.S)[0]
+    assert -1 < first.find("ninja") < first.index("pip install --no-build-isolation -e .")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert -1 < ci.find("pip install -q torch==2.13.0 ninja") < ci.index("pip install --no-build-isolation -e")
+    assert "ninja" in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
