@@ -6,11 +6,14 @@ import json
 import platform
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from .models import MODELS
+
+if TYPE_CHECKING:
+    from .runner import TrainingInterrupted
 
 
 def _number(kind: type, low: float, expected: str, bound: str):
@@ -176,14 +179,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fastvae {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except TrainingInterrupted as stop:
-        print(_resume_advice(stop, argv), file=sys.stderr)
+        from .distributed import is_main
+
+        if is_main():  # under torchrun every rank stops; one says so
+            print(_resume_advice(stop, argv), file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print(f"\nfastvae {args.command}: interrupted", file=sys.stderr)
         return 130
 
 
-def _resume_advice(stop, argv: list[str]) -> str:
+def _resume_advice(stop: TrainingInterrupted, argv: list[str]) -> str:
     """What Ctrl-C left and the command that continues the run (the same options, --resume added)."""
     import shlex
 

@@ -126,8 +126,6 @@ def train(
         trainer.resume(resume)
     objective = Objective.of(getattr(net, "name", "vae"), vars(cfg))
     main = distributed.is_main()
-    if main:
-        print(startup_line(train_set, images.shape[0], net, objective, trainer, active, out_dir, resume), flush=True)
 
     def report(record: dict[str, float]) -> None:
         print(f"epoch {record['epoch']}/{cfg.epochs}: {objective.terms(record)}, {record['seconds']:.1f} s "
@@ -135,6 +133,8 @@ def train(
 
     existed = out_dir.exists()
     try:
+        if main:
+            print(startup_line(train_set, images.shape[0], net, objective, trainer, active, out_dir, resume), flush=True)
         history = trainer.fit(on_epoch=report if main else None)
     except KeyboardInterrupt:
         raise _interrupted(trainer, out_dir, existed) from None

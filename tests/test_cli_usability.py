@@ -140,9 +140,9 @@ def test_ctrl_c_stops_cleanly_keeps_the_checkpoint_and_says_how_to_resume(tmp_pa
 
 def test_ctrl_c_in_the_first_epoch_says_there_is_nothing_to_resume(tmp_path, real_data):
     out = tmp_path / "run"
-    proc = _train_in_subprocess(out, "--batch-size", "16", "--epochs", "1")  # 3750 steps: seconds at least
+    proc = _train_in_subprocess(out, "--batch-size", "8", "--epochs", "1")  # 7500 steps: seconds at least
     _read_until(proc, "  run folder")  # the start-up line: training starts next
-    time.sleep(1.0)
+    time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
