@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_PACKAGE = Path(__file__).resolve().parent
+# A wheel or sdist install ships the sources inside the package (fastvae/csrc, for the JIT build);
+# a source checkout (editable install included) has them at the top of the tree.
+CSRC = _PACKAGE / "csrc" if (_PACKAGE / "csrc").is_dir() else _PACKAGE.parent / "csrc"
 # avx2.cpp recompiles the kernels with AVX2; it comes last so the linker keeps the baseline copies
 # of inline code both translation units emit.
 CPU_SOURCES = ("ops.cpp", "checks.cpp", "cpu/reparam.cpp", "cpu/loss.cpp", "cpu/decode.cpp", "cpu/avx2.cpp")

@@ -12,10 +12,12 @@ from .iwae import per_sample_bounds
 from .ops.decode import decode_latents
 
 
-def score(model, images: torch.Tensor, k: int = 1, *, batch_size: int = 256, seed: int | None = 0) -> torch.Tensor:
+def score(model, images: torch.Tensor, k: int = 1, *, batch_size: int = 256, seed: int | None = 0,
+          labels: torch.Tensor | None = None) -> torch.Tensor:
     """Anomaly score per sample, (N,) float64 on the CPU: minus the ELBO (k=1) or minus the IWAE_k
-    bound (k>1), in nats; higher means less likely under the model."""
-    elbo, iwae = per_sample_bounds(model, images, k, batch_size=batch_size, seed=seed)
+    bound (k>1), in nats; higher means less likely under the model. A conditional model needs the
+    `labels`; an adversarial autoencoder has no such bound and is refused."""
+    elbo, iwae = per_sample_bounds(model, images, k, batch_size=batch_size, seed=seed, labels=labels)
     return -(elbo if k == 1 else iwae)
 
 
@@ -46,8 +48,8 @@ def latent_grid(n: int, *, low: float = 0.05, high: float = 0.95) -> torch.Tenso
     return torch.stack([z1.reshape(-1), z2.reshape(-1)], dim=1)
 
 
-def latent_map(model, path: str | os.PathLike, n: int = 20) -> Path:
-    """Write an n x n PNG of decodings over the prior's quantiles; needs latent_dim == 2 and square images."""
+def latent_map(model, path: str | os.PathLike, n: int = 20, *, title: str = "the 2-D latent space decoded") -> Path:
+    """Write an n x n PNG of decodings over the prior's quantiles, with z1/z2 axes; needs latent_dim == 2 and square images."""
     _checks.positive_int("n", n)
     if model.latent_dim != 2:
         raise ValueError(f"latent_map needs a model with latent_dim=2, this one has latent_dim={model.latent_dim}; train with --latent-dim 2")
@@ -55,14 +57,20 @@ def latent_map(model, path: str | os.PathLike, n: int = 20) -> Path:
     if side * side != model.input_dim:
         raise ValueError(f"latent_map draws square images; input_dim={model.input_dim} is not a square")
     param = next(model.parameters())
-    z = latent_grid(n).to(device=param.device, dtype=param.dtype)
-    pixels = decode_latents(model, z, out_dtype=torch.uint8)
-    return plots.write_png(plots.grid(pixels.cpu(), (side, side), columns=n), path)
+    z = latent_grid(n)
+    pixels = decode_latents(model, z.to(device=param.device, dtype=param.dtype), out_dtype=torch.uint8)
+    every = max(1, n // 5)
+    centers = plots.tile_centers(n, side)[::every]
+    z1, z2 = z[:n, 0].tolist()[::every], z[::n, 1].tolist()[::every]  # first row: z1 left to right; first column: z2 top down
+    return plots.picture(plots.grid(pixels.cpu(), (side, side), columns=n), path, title, scale=2,
+                         xticks=(centers, [f"{v:.1f}" for v in z1]), yticks=(centers, [f"{v:.1f}" for v in z2]),
+                         xlabel="z1 (prior quantiles 5% to 95%)", ylabel="z2")
 
 
 def write_scores(model, images: torch.Tensor, labels: torch.Tensor | None, path: str | os.PathLike, *, k: int = 1, batch_size: int = 256) -> Path:
     """CSV of index,label,score (score as in ``score``), one row per sample."""
-    scores = score(model, images, k, batch_size=batch_size).tolist()
+    condition = {"labels": labels} if getattr(model, "conditional", False) else {}
+    scores = score(model, images, k, batch_size=batch_size, **condition).tolist()
     labels = labels.tolist() if labels is not None else [""] * len(scores)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

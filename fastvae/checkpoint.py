@@ -15,6 +15,8 @@ from typing import Any
 import torch
 
 FORMAT = "fastvae-checkpoint-v1"
+FILENAME = "checkpoint.pt"  # in each run folder
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
 # Test hook only: seconds to sleep between writing the temp file and renaming it, so that a test
 # can kill the process at exactly that moment (tests/test_crash_safety.py).
 TEST_PAUSE_ENV = "FASTVAE_TEST_PAUSE_BEFORE_RENAME"
@@ -49,19 +51,36 @@ def save(state: dict[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a fastvae checkpoint; a clear ValueError for a missing, truncated, foreign or unsafe file."""
+def locate(path: str | os.PathLike) -> Path:
+    """The checkpoint file `path` names: itself, or a run folder's checkpoint.pt."""
     path = Path(path)
+    if path.is_dir():
+        if not (path / FILENAME).is_file():
+            raise FileNotFoundError(f"{str(path)!r} is a folder without a {FILENAME}; pass a run folder (runs/<name>) "
+                                    f"whose first epoch has finished, or a {FILENAME} file")
+        return path / FILENAME
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; pass the checkpoint.pt of a run directory (runs/<name>/checkpoint.pt)")
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; pass a run folder (runs/<name>) or its {FILENAME}")
+    return path
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a fastvae checkpoint (a file, or a run folder's checkpoint.pt); a clear error for a
+    missing, truncated, foreign or unsafe file."""
+    path = locate(path)
+    foreign = f"{str(path)!r} is not a fastvae checkpoint"
+    with open(path, "rb") as f:
+        if f.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
+            raise ValueError(f"{foreign} (not a file torch.save wrote); pass a run folder (runs/<name>) or its {FILENAME}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(f"checkpoint {str(path)!r} was refused by torch.load(weights_only=True): it is not a plain-tensor checkpoint (it may carry pickled code) ({exc})") from None
+    except pickle.UnpicklingError:
+        raise ValueError(f"{foreign}: refused by torch.load(weights_only=True) as it may carry pickled code "
+                         "(Python objects, which fastvae checkpoints never hold); it was not loaded") from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise ValueError(f"checkpoint {str(path)!r} is truncated or corrupt ({type(exc).__name__}: {exc}); resume from an earlier checkpoint or start a new run") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{str(path)!r} is not a fastvae checkpoint (no format tag {FORMAT!r}); to load bare weights use model.load_state_dict(torch.load(path, weights_only=True))")
+        raise ValueError(f"{foreign} (no format tag {FORMAT!r}); to load bare weights use model.load_state_dict(torch.load(path, weights_only=True))")
     return state
 
 

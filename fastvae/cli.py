@@ -6,11 +6,14 @@ import json
 import platform
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from .models import MODELS
+
+if TYPE_CHECKING:
+    from .runner import TrainingInterrupted
 
 
 def _number(kind: type, low: float, expected: str, bound: str):
@@ -39,12 +42,35 @@ def _positive_float(text: str) -> float:
     return value
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" after every option's help, except where there is no value to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _subcommand(sub, name: str, help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".", formatter_class=_Help)
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="CPU threads for torch (torch.set_num_threads; default: torch's choice, one per core). "
+                        "Use fewer when other processes share the cores")
+    return p
+
+
+def _data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist or mnist")
+    p.add_argument("--data-dir", default=None, metavar="DIR", help="folder holding the four IDX files (default: $FASTVAE_DATA, then the standard places)")
+    p.add_argument("--download", action="store_true",
+                   help="fetch missing IDX files (MD5-checked) into --data-dir, else ~/.cache/fastvae/<dataset>")
+
+
 def _checkpoint_on_data(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The arguments of commands that run a checkpoint over a data split (reconstruct, score)."""
-    p.add_argument("checkpoint")
-    p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--split", choices=("train", "test"), default="test")
+    p.add_argument("checkpoint", metavar="RUN", help="a run folder (runs/<name>) or its checkpoint.pt")
+    _data_arguments(p)
+    p.add_argument("--split", choices=("train", "test"), default="test", help="which split of the data set")
     return p
 
 
@@ -57,65 +83,76 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastvae", description="Fused-kernel VAE training engine.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a VAE (default: the reference model on Fashion-MNIST)")
-    t.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (default) or mnist")
-    t.add_argument("--data-dir", default=None, help="folder holding the four IDX files (default: standard places)")
+    t = _subcommand(sub, "train", "train a VAE (default: the reference model on Fashion-MNIST)")
+    _data_arguments(t)
     t.add_argument("--model", choices=MODELS, default="vae",
-                   help="vae (default), cvae (conditioned on the labels), conv, hvae (two levels), rvae (images as row sequences), aae")
-    t.add_argument("--epochs", type=_positive_int, default=10)
-    t.add_argument("--batch-size", type=_positive_int, default=128)
-    t.add_argument("--lr", type=_positive_float, default=1e-3)
-    t.add_argument("--latent-dim", type=_positive_int, default=20)
-    t.add_argument("--hidden-dims", type=_dims, default=None,
+                   help="vae, cvae (conditioned on the labels), conv, hvae (two levels), rvae (images as row sequences), aae (adversarial)")
+    t.add_argument("--epochs", type=_positive_int, default=10, metavar="N", help="passes over the training images")
+    t.add_argument("--batch-size", type=_positive_int, default=128, metavar="N", help="images per step (the global batch under torchrun)")
+    t.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
+    t.add_argument("--latent-dim", type=_positive_int, default=20, metavar="N", help="size of the latent space (2 also draws latent_map.png)")
+    t.add_argument("--hidden-dims", type=_dims, default=None, metavar="W[,W...]",
                    help="comma-separated widths, e.g. 512,256 (default: the model's, 400 for vae; conv: channels per level; rvae: GRU size)")
-    t.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default="bernoulli")
+    t.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default="bernoulli", help="reconstruction term: BCE or squared error")
     t.add_argument("--beta", type=_non_negative_float, default=1.0, help="KL weight (beta-VAE)")
     t.add_argument("--warmup", type=_non_negative_int, default=0, help="KL warm-up length (0: none)")
-    t.add_argument("--warmup-unit", choices=("steps", "epochs"), default="steps")
+    t.add_argument("--warmup-unit", choices=("steps", "epochs"), default="steps", help="unit of --warmup")
     t.add_argument("--warmup-schedule", choices=("linear", "cyclical"), default="linear", help="KL warm-up shape")
     t.add_argument("--cycles", type=_positive_int, default=4, help="cycles of a cyclical warm-up")
     t.add_argument("--objective", choices=("elbo", "iwae"), default="elbo", help="training bound")
     t.add_argument("--k", type=_positive_int, default=5, help="samples per input for --objective iwae")
     t.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    t.add_argument("--backend", default=None, choices=("auto", "torch", "triton", "cpp", "cuda"))
+    t.add_argument("--backend", default=None, choices=("auto", "torch", "triton", "cpp", "cuda"),
+                   help="kernels for every op (default: $FASTVAE_BACKEND, else auto: the fastest that runs here)")
     t.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     t.add_argument("--tf32", action="store_true", help="TF32 matmuls (CUDA)")
     t.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
                    help="run the CUDA training step eagerly instead of replaying it as a CUDA graph")
-    t.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<date>-<time>)")
-    t.add_argument("--resume", default=None, help="checkpoint.pt to continue from")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--limit", type=_positive_int, default=None, help="use only the first N training images")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--out", default=None, metavar="DIR", help="run folder (default: runs/<dataset>-<date>-<time>; with --resume, the checkpoint's folder)")
+    t.add_argument("--resume", default=None, metavar="RUN", help="continue a run: its folder or checkpoint.pt")
+    t.add_argument("--seed", type=int, default=0, help="seed of the initial weights, data order and samples")
+    t.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="use only the first N training images")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (the start-up and per-epoch lines still print)")
 
-    s = sub.add_parser("sample", help="decode prior samples of a trained model to a PNG grid")
-    s.add_argument("checkpoint")
-    s.add_argument("-n", type=_positive_int, default=64)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--label", type=_non_negative_int, default=None, help="class to draw (conditional models; default: every class in turn)")
-    s.add_argument("--out", default="samples.png")
+    s = _subcommand(sub, "sample", "decode prior samples of a trained model to a PNG grid")
+    s.add_argument("checkpoint", metavar="RUN", help="a run folder (runs/<name>) or its checkpoint.pt")
+    s.add_argument("-n", type=_positive_int, default=64, help="how many samples")
+    s.add_argument("--seed", type=int, default=0, help="seed of the latent draws")
+    s.add_argument("--label", type=_non_negative_int, default=None,
+                   help="class to draw (conditional models; default: one class per column)")
+    s.add_argument("--out", default=None, metavar="PNG", help="PNG to write (default: samples-n<N>-seed<S>.png in the checkpoint's run folder)")
 
-    r = _checkpoint_on_data(sub.add_parser("reconstruct", help="originals above reconstructions, as a PNG grid"))
-    r.add_argument("-n", type=_positive_int, default=32)
-    r.add_argument("--out", default="reconstructions.png")
+    r = _checkpoint_on_data(_subcommand(sub, "reconstruct", "originals above reconstructions, as a PNG grid"))
+    r.add_argument("-n", type=_positive_int, default=32, help="how many images, from the start of the split")
+    r.add_argument("--out", default=None, metavar="PNG", help="PNG to write (default: reconstructions-<split>-n<N>.png in the checkpoint's run folder)")
 
-    sc = _checkpoint_on_data(sub.add_parser("score", help="per-sample anomaly scores (-ELBO, or -IWAE bound with --k > 1) to a CSV"))
-    sc.add_argument("--k", type=_positive_int, default=1)
-    sc.add_argument("--batch-size", type=_positive_int, default=256)
-    sc.add_argument("--out", default="scores.csv")
+    sc = _checkpoint_on_data(_subcommand(sub, "score", "per-sample anomaly scores (-ELBO, or -IWAE bound with --k > 1) to a CSV"))
+    sc.add_argument("--k", type=_positive_int, default=1, help="importance samples per input (1: the ELBO)")
+    sc.add_argument("--batch-size", type=_positive_int, default=256, metavar="N", help="inputs per batch")
+    sc.add_argument("--out", default=None, metavar="CSV", help="CSV to write (default: scores-<split>-k<K>.csv in the checkpoint's run folder)")
 
     sub.add_parser("info", help="versions, devices and active backends")
     sub.add_parser("bench", help="run the benchmark suite (source checkout; see python -m benchmarks.run --help)", add_help=False)
     return parser
 
 
-def _load_model(path: str):
+def _load(path: str):
+    """(model in eval mode, what its loss is, checkpoint state) of a run folder or checkpoint file."""
     from . import checkpoint, models
+    from .runner import Objective
 
     state = checkpoint.load(path)
     model = models.from_config(state["config"])
     model.load_state_dict(state["model"])
-    return model.eval()
+    return model.eval(), Objective.of(getattr(model, "name", "vae"), state.get("train", {})), state
+
+
+def _next_to(checkpoint_arg: str, out: str | None, name: str) -> Path:
+    """--out as given, else `name` in the run folder of the checkpoint (never the current folder)."""
+    if out is not None:
+        return Path(out)
+    path = Path(checkpoint_arg)
+    return (path if path.is_dir() else path.parent) / name
 
 
 def _side(n: int) -> tuple[int, int]:
@@ -131,58 +168,88 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return bench(argv[1:])
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    from .backends import BackendUnavailable
+    from .runner import TrainingInterrupted
+
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError) as exc:  # bad input (data, checkpoint, settings): a message, not a traceback
+    except (ValueError, OSError, BackendUnavailable) as exc:  # bad input (data, checkpoint, settings, files): a message, not a traceback
         print(f"fastvae {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stop:
+        from .distributed import is_main
+
+        if is_main():  # under torchrun every rank stops; one says so
+            print(_resume_advice(stop, argv), file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"\nfastvae {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _resume_advice(stop: TrainingInterrupted, argv: list[str]) -> str:
+    """What Ctrl-C left and the command that continues the run (the same options, --resume added)."""
+    import shlex
+
+    kept = [a for i, a in enumerate(argv) if a != "--resume" and (i == 0 or argv[i - 1] != "--resume") and not a.startswith("--resume=")]
+    again = shlex.join(["fastvae", *kept[:1], "--resume", str(stop.out_dir), *kept[1:]])
+    lines = [f"\nfastvae train: {stop}."]
+    if stop.checkpoint is None:
+        lines.append(f"Nothing to resume from; {'metrics so far are in ' + str(stop.out_dir) if stop.out_dir.is_dir() else 'nothing was written'}. "
+                     f"Start again with: {shlex.join(['fastvae', *kept])}")
+    else:
+        lines.append(f"Every file written stays. Continue from the end of epoch {stop.checkpoint_epoch} with:\n  {again}")
+    return "\n".join(lines)
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
-        from .distributed import init_from_env, is_main
+        from .distributed import init_from_env
         from .runner import train
 
         init_from_env()  # under torchrun: one process per rank, DistributedDataParallel
 
-        _, history = train(
-            args.dataset, data_dir=args.data_dir, out=args.out, device=args.device, resume=args.resume, limit=args.limit,
-            model=args.model, hidden_dims=args.hidden_dims, latent_dim=args.latent_dim, likelihood=args.likelihood, backend=args.backend,
-            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, beta=args.beta, warmup=args.warmup,
-            warmup_unit=args.warmup_unit, seed=args.seed, amp=args.amp, tf32=args.tf32, cuda_graph=args.cuda_graph, progress=not args.no_progress,
-            warmup_schedule=args.warmup_schedule, cycles=args.cycles, objective=args.objective, k=args.k)
-        for h in history if is_main() else ():
-            print(f"epoch {h['epoch']}: loss {h['loss']:.2f} per sample (recon {h['recon']:.2f}, kl {h['kl']:.2f}), {h['seconds']:.2f} s")
+        train(args.dataset, data_dir=args.data_dir, download=args.download, out=args.out, device=args.device, resume=args.resume,
+              limit=args.limit, model=args.model, hidden_dims=args.hidden_dims, latent_dim=args.latent_dim, likelihood=args.likelihood,
+              backend=args.backend, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, beta=args.beta, warmup=args.warmup,
+              warmup_unit=args.warmup_unit, seed=args.seed, amp=args.amp, tf32=args.tf32, cuda_graph=args.cuda_graph,
+              progress=not args.no_progress, warmup_schedule=args.warmup_schedule, cycles=args.cycles, objective=args.objective, k=args.k)
         return 0
     if args.command == "sample":
         from . import plots
 
-        model = _load_model(args.checkpoint)
+        model, objective, state = _load(args.checkpoint)
         if args.label is not None and not model.conditional:
             raise ValueError(f"--label needs a conditional model (cvae); {args.checkpoint} holds {model.name}")
         if args.label is not None and args.label >= model.num_classes:
             raise ValueError(f"--label must be below the model's num_classes ({model.num_classes}), got {args.label}")
-        condition = {"labels": args.label} if model.conditional else {}
-        pixels = model.sample(args.n, seed=args.seed, out_dtype=torch.uint8, **condition)
-        plots.write_png(plots.grid(pixels, _side(model.input_dim)), args.out)
-        print(f"wrote {args.out}")
+        label = f"-label{args.label}" if args.label is not None else ""
+        out = _next_to(args.checkpoint, args.out, f"samples-n{args.n}-seed{args.seed}{label}.png")
+        plots.write_samples(model, out, args.n, _side(model.input_dim), objective.caption(state["history"]), seed=args.seed, label=args.label)
+        print(f"wrote {out}")
         return 0
     if args.command == "reconstruct":
         from . import data, plots
 
-        model = _load_model(args.checkpoint)
-        split = data.load(args.dataset, args.split, root=args.data_dir)
+        model, objective, state = _load(args.checkpoint)
+        split = data.load(args.dataset, args.split, root=args.data_dir, download=args.download)
         images = split.images[: args.n]
         condition = {"labels": split.labels[: args.n]} if model.conditional else {}
-        out = plots.write_png(plots.reconstruction_grid(model, images, tuple(images.shape[1:3]), **condition), args.out)
+        out = _next_to(args.checkpoint, args.out, f"reconstructions-{split.split}-n{args.n}.png")
+        plots.write_reconstructions(model, images, tuple(images.shape[1:3]), out,
+                                    f"{split.name} {split.split} split; {objective.caption(state['history'])}", **condition)
         print(f"wrote {out}")
         return 0
     if args.command == "score":
         from . import data
         from .apps import write_scores
 
-        split = data.load(args.dataset, args.split, root=args.data_dir)
-        out = write_scores(_load_model(args.checkpoint), split.images, split.labels, args.out, k=args.k, batch_size=args.batch_size)
+        model, _, _ = _load(args.checkpoint)
+        split = data.load(args.dataset, args.split, root=args.data_dir, download=args.download)
+        out = write_scores(model, split.images, split.labels, _next_to(args.checkpoint, args.out, f"scores-{split.split}-k{args.k}.csv"),
+                           k=args.k, batch_size=args.batch_size)
         print(f"wrote {out}")
         return 0
     print(json.dumps(info(), indent=2))

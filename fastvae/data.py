@@ -231,7 +231,8 @@ def _not_found_message(name: str, split: str, candidates: list[Path], explicit_r
         fixes.append("install Debian's package: apt-get install dataset-fashion-mnist")
     fixes.append("point root= (CLI: --data-dir) or $" + ENV_VAR + " at a folder holding the four IDX files "
                  "(train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, gzipped or not)")
-    fixes.append(f"where a network exists, pass download=True (fetches into {'root' if explicit_root else _cache_dir(name)})")
+    fixes.append(f"where a network exists, download them: CLI --download, Python download=True (MD5-checked, into "
+                 f"{'root (--data-dir)' if explicit_root else _cache_dir(name)})")
     lines.append("Fix: " + "; or ".join(fixes) + ".")
     return "\n".join(lines)
 
@@ -269,4 +270,5 @@ def _download(name: str, filename: str, folder: Path) -> Path:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    raise DownloadError(f"could not download {name} {filename}; nothing was written. Tried:\n" + "\n".join(errors))
+    raise DownloadError(f"could not download {name} {filename}; nothing was written. Tried:\n" + "\n".join(errors) +
+                        "\nWithout a network, copy the four IDX files into a folder and pass it as --data-dir (root=).")

@@ -27,14 +27,19 @@ class LogWeights(NamedTuple):
     kl: torch.Tensor
 
 
-def log_weights(model, x: torch.Tensor, k: int, *, beta: float = 1.0, seed: int | None = None) -> LogWeights:
-    """The k importance log-weights of each input of a batch for a ``fastvae.VAE`` (differentiable)."""
+def log_weights(model, x: torch.Tensor, k: int, *, beta: float = 1.0, seed: int | None = None, **condition: torch.Tensor) -> LogWeights:
+    """The k importance log-weights of each input of a batch (differentiable), for any model with one
+    Gaussian latent level (``posterior`` and ``train_logits``: vae, cvae with labels=..., conv, rvae);
+    a model whose bound differs provides its own ``log_weights`` (hvae), or refuses (aae)."""
     _checks.positive_int("k", k)
+    own = getattr(model, "log_weights", None)
+    if own is not None:
+        return own(x, k, beta=beta, seed=seed, **condition)
     flat = model.flatten(x)
     target = x.reshape(flat.shape) if x.dtype == torch.uint8 else flat
-    mu, logvar = model.encoder(flat)
-    # z in float32 (float64 for float64 models): eps = (z - mu) / std below would cancel catastrophically
-    # in a z rounded to bfloat16 (autocast) wherever std << |mu|.
+    mu, logvar = model.posterior(flat, **condition)
+    # z in float32 (float64 for float64 models): eps = (z - mu) / std in the log-weights would cancel
+    # catastrophically in a z rounded to bfloat16 (autocast) wherever std << |mu|.
     muf, lvf = _checks.accumulate(mu), _checks.accumulate(logvar)
     zf = reparameterize(muf, lvf, k=k, seed=seed, backend=model.backend)  # (k, B, L)
     b = mu.shape[0]
@@ -42,14 +47,24 @@ def log_weights(model, x: torch.Tensor, k: int, *, beta: float = 1.0, seed: int 
     def repeat(t: torch.Tensor) -> torch.Tensor:
         return t.unsqueeze(0).expand(k, *t.shape).reshape(k * b, *t.shape[1:])
 
-    logits = model.decoder(zf.to(mu.dtype).reshape(k * b, -1))
-    # beta=0: the fused loss gives the reconstruction rows, with gradients, and nothing else.
-    recon = loss_terms(logits, repeat(target), repeat(mu), repeat(logvar), beta=0.0, reduction="none",
-                       likelihood=model.likelihood, backend=model.backend).loss.view(k, b)
-    eps = (zf - muf) * torch.exp(-0.5 * lvf)
-    log_p_minus_log_q = (0.5 * (eps.pow(2) - zf.pow(2) + lvf)).sum(-1)  # the 2*pi terms cancel
+    logits = model.train_logits(zf.to(mu.dtype).reshape(k * b, -1), repeat(flat), **{name: repeat(c) for name, c in condition.items()})
+    recon = recon_rows(model, logits, repeat(target)).view(k, b)
     kl = kl_rows_reference(muf.detach(), lvf.detach())
-    return LogWeights(-recon + beta * log_p_minus_log_q, recon, kl)
+    return LogWeights(-recon + beta * (neg_log_normal(zf, muf, lvf) - neg_log_normal(zf)), recon, kl)
+
+
+def recon_rows(model, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-log p(x | z) per row through the fused loss (beta=0: the reconstruction rows, with gradients)."""
+    none = logits.new_zeros(logits.shape[0], 1)
+    return loss_terms(logits, target, none, none, beta=0.0, reduction="none", likelihood=model.likelihood, backend=model.backend).loss
+
+
+def neg_log_normal(z: torch.Tensor, mu: torch.Tensor | None = None, logvar: torch.Tensor | None = None) -> torch.Tensor:
+    """-log N(z; mu, exp(logvar)) summed over the last dim (N(0, I) without mu and logvar), less the
+    2*pi terms, which cancel in every log-ratio of densities over the same dimensions."""
+    if mu is None or logvar is None:
+        return 0.5 * z.pow(2).sum(-1)
+    return 0.5 * (((z - mu) * torch.exp(-0.5 * logvar)).pow(2) + logvar).sum(-1)
 
 
 def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
@@ -87,8 +102,10 @@ class Evaluation(NamedTuple):
 
 
 @torch.no_grad()
-def per_sample_bounds(model, images: torch.Tensor, k: int = 1, *, batch_size: int = 256, seed: int | None = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(elbo (N,), iwae (N,)) float64 on the CPU, in eval mode, in batches of `batch_size` inputs."""
+def per_sample_bounds(model, images: torch.Tensor, k: int = 1, *, batch_size: int = 256, seed: int | None = 0,
+                      labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(elbo (N,), iwae (N,)) float64 on the CPU, in eval mode, in batches of `batch_size` inputs;
+    `labels` (one per image) condition a conditional model."""
     _checks.positive_int("k", k)
     _checks.positive_int("batch_size", batch_size)
     if not isinstance(images, torch.Tensor) or images.dim() < 1 or images.shape[0] == 0:
@@ -100,7 +117,8 @@ def per_sample_bounds(model, images: torch.Tensor, k: int = 1, *, batch_size: in
     try:
         for i, start in enumerate(range(0, images.shape[0], batch_size)):
             batch = images[start:start + batch_size].to(device)
-            w = log_weights(model, batch, k, seed=None if seed is None else seed + i)
+            condition = {"labels": labels[start:start + batch_size].to(device)} if labels is not None else {}
+            w = log_weights(model, batch, k, seed=None if seed is None else seed + i, **condition)
             elbo.append((-(w.recon.mean(0) + w.kl)).double().cpu())
             iwae.append(iwae_bound(w.log_w).double().cpu())
     finally:

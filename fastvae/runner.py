@@ -3,17 +3,21 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from . import checkpoint, distributed, models, plots
 from . import data as datasets
-from . import distributed, models, plots
 from .apps import latent_map
+from .backends import resolve
 from .model import VAE
 from .trainer import CHECKPOINT, METRICS, TrainConfig, Trainer
+
+OPS = ("reparam", "loss", "decode")
 
 
 def default_out(dataset: str) -> Path:
@@ -21,10 +25,67 @@ def default_out(dataset: str) -> Path:
     return Path("runs") / f"{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+@dataclass(frozen=True)
+class Objective:
+    """What a run's logged numbers are, for its printed lines and picture titles: the loss is the
+    -ELBO (recon + kl), the -IWAE_k bound (recon and kl then are diagnostics, not its terms), or an
+    AAE's recon + adversarial loss; `weighted`: a beta or warm-up weights the second term."""
+
+    model: str
+    objective: str = "elbo"
+    k: int = 1
+    weighted: bool = False
+
+    @classmethod
+    def of(cls, model_name: str, train: dict[str, Any]) -> "Objective":
+        """From a model name and TrainConfig fields (a checkpoint's "train")."""
+        return cls(model_name, train.get("objective", "elbo"), int(train.get("k", 1)),
+                   train.get("beta", 1.0) != 1.0 or train.get("warmup", 0) > 0)
+
+    @property
+    def label(self) -> str:
+        if self.model == "aae":
+            return "recon + adversarial loss"
+        if self.objective == "iwae":
+            return f"-IWAE_{self.k} bound"
+        return "beta-weighted -ELBO" if self.weighted else "-ELBO"
+
+    def terms(self, record: dict[str, float]) -> str:
+        """'<label> L per sample (...)' for a metrics record with loss, recon and kl."""
+        loss, recon, kl = record["loss"], record["recon"], record["kl"]
+        beta = "beta x " if self.weighted else ""
+        if self.model == "aae":
+            detail = f"recon {recon:.2f} + {beta}adversarial {kl:.2f}"
+        elif self.objective == "iwae":
+            detail = f"diagnostics, not its terms: recon {recon:.2f} averaged over the {self.k} samples, analytic kl {kl:.2f}"
+        else:
+            detail = f"recon {recon:.2f} + {beta}kl {kl:.2f}"
+        return f"{self.label} {loss:.2f} per sample ({detail})"
+
+    def caption(self, history: Sequence[dict[str, float]]) -> str:
+        """'epoch E, <label> L per sample' of the last epoch (picture titles)."""
+        if not history:
+            return "untrained"
+        return f"epoch {history[-1]['epoch']}, {self.label} {history[-1]['loss']:.2f} per sample"
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped ``fastvae.train``; everything written stays. `checkpoint` is the last one (None
+    before the first epoch ended) and `checkpoint_epoch` the epoch it holds."""
+
+    def __init__(self, out_dir: Path, epoch: int, step: int, checkpoint_path: Path | None, checkpoint_epoch: int) -> None:
+        self.out_dir, self.epoch, self.step = out_dir, epoch, step
+        self.checkpoint, self.checkpoint_epoch = checkpoint_path, checkpoint_epoch
+        kept = (f"{checkpoint_path} holds epoch {checkpoint_epoch}" if checkpoint_path is not None
+                else "no epoch finished, so there is no checkpoint yet")
+        super().__init__(f"interrupted in epoch {epoch + 1} at step {step}; {kept}")
+
+
 def train(
     dataset: str = "fashion-mnist",
     *,
     data_dir: str | os.PathLike | None = None,
+    download: bool = False,
     out: str | os.PathLike | None = None,
     device: str = "auto",
     resume: str | os.PathLike | None = None,
@@ -38,16 +99,19 @@ def train(
 ) -> tuple[nn.Module, list[dict[str, float]]]:
     """Train a VAE on a named data set and write checkpoint.pt, metrics.jsonl and PNGs to `out`.
 
-    `limit` keeps the first N training images (quick runs); `model` is a name of fastvae.models.MODELS
-    (cvae trains on the labels; hidden_dims=None: the model's default, (400,) for vae); other
-    keywords are TrainConfig's.
+    Prints a start-up line (data, device, backend per op, run folder) and one line per epoch as it
+    ends. `limit` keeps the first N training images (quick runs); `model` is a name of
+    fastvae.models.MODELS (cvae trains on the labels; hidden_dims=None: the model's default, (400,)
+    for vae); `resume` is a checkpoint or its run folder; `download` fetches a missing data set
+    (checksummed); other keywords are TrainConfig's. Ctrl-C raises ``TrainingInterrupted``.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive number of images, got {limit!r}")
-    train_set = datasets.load(dataset, "train", root=data_dir)
+    resume = checkpoint.locate(resume) if resume is not None else None
+    train_set = datasets.load(dataset, "train", root=data_dir, download=download)
     images = train_set.images[:limit] if limit else train_set.images
     labels = train_set.labels[:limit] if limit else train_set.labels
-    out_dir = Path(out) if out is not None else (Path(resume).parent if resume else default_out(dataset))
+    out_dir = Path(out) if out is not None else (resume.parent if resume else default_out(dataset))
     cfg = TrainConfig(**config)
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)  # the initial weights too
@@ -56,25 +120,77 @@ def train(
     cfg.extra = {**cfg.extra, "dataset": dataset, "limit": limit}
     labels = labels if net.conditional else None
     trainer = Trainer(net, images, cfg, device=device, out_dir=out_dir, labels=labels)
+    # An explicit backend that cannot run on this device fails here, before anything is written.
+    active = {op: resolve(op, trainer.device.type, backend)[0] for op in OPS}
     if resume:
         trainer.resume(resume)
-    history = trainer.fit()
-    if distributed.is_main():
-        write_pictures(net, images, out_dir, image_shape=tuple(images.shape[1:3]) if images.dim() == 3 else None, labels=labels)
+    objective = Objective.of(getattr(net, "name", "vae"), vars(cfg))
+    main = distributed.is_main()
+
+    def report(record: dict[str, float]) -> None:
+        print(f"epoch {record['epoch']}/{cfg.epochs}: {objective.terms(record)}, {record['seconds']:.1f} s "
+              f"({record['samples_per_s']:.0f} samples/s)", flush=True)
+
+    existed = out_dir.exists()
+    try:
+        if main:
+            print(startup_line(train_set, images.shape[0], net, objective, trainer, active, out_dir, resume), flush=True)
+        history = trainer.fit(on_epoch=report if main else None)
+    except KeyboardInterrupt:
+        raise _interrupted(trainer, out_dir, existed) from None
+    if main:
+        write_pictures(net, images, out_dir, image_shape=tuple(images.shape[1:3]) if images.dim() == 3 else None, labels=labels,
+                       objective=objective, history=history)
         print(f"wrote {out_dir / CHECKPOINT}, {out_dir / METRICS} and PNGs to {out_dir}")
     return net, history
 
 
+def startup_line(train_set: datasets.Dataset, n: int, net: nn.Module, objective: Objective, trainer: Trainer,
+                 active: dict[str, str], out_dir: Path, resume: Path | None) -> str:
+    """What a run is about to do: data (name, split, count, folder), model and objective, device,
+    threads, the backend of each op, and where it writes."""
+    c, dev = trainer.config, trainer.device
+    threads = torch.get_num_threads()
+    where = f"{dev}, {threads} CPU thread{'s' if threads > 1 else ''}" if dev.type == "cpu" else str(dev)
+    start = f"; resuming from epoch {trainer.epoch} ({resume})" if resume else ""
+    return (f"fastvae train: {train_set.name} {train_set.split} split, {n} of {len(train_set)} images from {train_set.source}\n"
+            f"  model {getattr(net, 'name', 'vae')}, loss {objective.label}, {c.epochs} epochs of {trainer.steps_per_epoch} steps "
+            f"(batch {c.batch_size}){start}\n"
+            f"  device {where}, backends: {', '.join(f'{op} {name}' for op, name in active.items())}\n"
+            f"  run folder {out_dir} (checkpoint.pt after each epoch, metrics.jsonl, PNGs at the end)")
+
+
+def _interrupted(trainer: Trainer, out_dir: Path, existed: bool) -> TrainingInterrupted:
+    """Ctrl-C: keep every file written; drop only a run folder this run created and left empty."""
+    saved = out_dir / CHECKPOINT
+    saved_epoch = 0
+    if saved.is_file():
+        try:
+            saved_epoch = int(checkpoint.load(saved)["epoch"])
+        except (ValueError, OSError, KeyError):
+            saved = None
+    else:
+        saved = None
+    if not existed and out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    return TrainingInterrupted(out_dir, trainer.epoch, trainer.step, saved, saved_epoch)
+
+
 def write_pictures(model: nn.Module, images: torch.Tensor, out_dir: Path, image_shape: tuple[int, int] | None,
-                   labels: torch.Tensor | None = None) -> None:
-    """reconstructions.png (originals above their reconstructions), samples.png, loss.png, and
-    latent_map.png for an unconditional MLP VAE with a 2-D latent space."""
+                   labels: torch.Tensor | None = None, objective: Objective | None = None,
+                   history: Sequence[dict[str, float]] = ()) -> None:
+    """reconstructions.png (originals above their reconstructions), samples.png (a conditional
+    model: one class per column), loss.png, and latent_map.png for an unconditional MLP VAE with a
+    2-D latent space; titled with what they show, the epoch and the loss."""
     if image_shape is None:
         return
+    objective = objective or Objective(getattr(model, "name", "vae"))
+    caption = objective.caption(history)
     condition = {"labels": labels[:32]} if labels is not None else {}
-    plots.write_png(plots.reconstruction_grid(model, images[:32], image_shape, **condition), out_dir / "reconstructions.png")
-    plots.write_png(plots.grid(model.sample(64, seed=0, out_dtype=torch.uint8), image_shape, columns=8), out_dir / "samples.png")
+    plots.write_reconstructions(model, images[:32], image_shape, out_dir / "reconstructions.png", caption, **condition)
+    n = 8 * model.num_classes if getattr(model, "conditional", False) else 64
+    plots.write_samples(model, out_dir / "samples.png", n, image_shape, caption)
     if (out_dir / METRICS).exists():
-        plots.loss_curve(out_dir / METRICS, out_dir / "loss.png")
+        plots.loss_curve(out_dir / METRICS, out_dir / "loss.png", ylabel=f"{objective.label} per sample")
     if isinstance(model, VAE) and model.latent_dim == 2 and image_shape[0] * image_shape[1] == model.input_dim and image_shape[0] == image_shape[1]:
-        latent_map(model, out_dir / "latent_map.png")
+        latent_map(model, out_dir / "latent_map.png", title=f"the 2-D latent space decoded\n{caption}")

@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from . import _checks, checkpoint, distributed, graphs
 from .iwae import iwae_terms
 from .schedules import SCHEDULES, kl_weight
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = checkpoint.FILENAME
 METRICS = "metrics.jsonl"
 
 
@@ -185,8 +185,9 @@ class Trainer:
         restore_rng(state["rng"], self.generator, self.device)
         self.epoch, self.step, self.history = state["epoch"], state["step"], list(state["history"])
 
-    def fit(self) -> list[dict[str, float]]:
-        """Train up to config.epochs; returns one dict per epoch (loss, recon, kl per sample, seconds)."""
+    def fit(self, on_epoch: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+        """Train up to config.epochs; returns one dict per epoch (loss, recon, kl per sample, seconds).
+        `on_epoch(record)` runs as each epoch ends, after its checkpoint is written (the CLI prints it)."""
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             _trim_metrics(self.out_dir / METRICS, self.step)
@@ -201,6 +202,8 @@ class Trainer:
                 self.epoch += 1
                 if self.out_dir is not None:
                     checkpoint.save(self.state(), self.out_dir / CHECKPOINT)
+                if on_epoch is not None:
+                    on_epoch(self.history[-1])
         return self.history
 
     def _epoch(self) -> dict[str, float]:

@@ -109,6 +109,12 @@ class AdversarialAE(LatentModel):
         recon, fooled = self._recon_rows(z, x, flat), self._fooled_rows(z)
         return LossTerms(_reduce(recon + beta * fooled, reduction), _reduce(recon.detach(), reduction), _reduce(fooled.detach(), reduction))
 
+    def log_weights(self, x: torch.Tensor, k: int, *, beta: float = 1.0, seed: int | None = None):
+        """Refused: there is no likelihood bound (ELBO, IWAE) for fastvae.score or objective="iwae"."""
+        raise ValueError("an adversarial autoencoder (aae) has no ELBO or IWAE bound to score or train on: a discriminator, "
+                         "not a KL term, matches its codes to the prior. Score a VAE-family model (vae, cvae, conv, hvae, rvae), "
+                         "or rank inputs by reconstruction error: model.loss_terms(x, beta=0, reduction='none').recon")
+
     def make_optimizer(self, lr: float) -> AAEOptimizer:
         """The optimizer training_step expects (the Trainer calls this instead of building its Adam)."""
         return AAEOptimizer(self, lr)

@@ -15,10 +15,12 @@ from typing import Sequence
 
 import torch
 
+from .. import _checks
+from ..iwae import LogWeights, neg_log_normal, recon_rows
 from ..model import MLPDecoder, MLPEncoder
 from ..ops.decode import decode_latents
 from ..ops.loss import LossTerms, _reduce, loss_terms
-from ..ops.reparam import kl_divergence, reparameterize
+from ..ops.reparam import kl_divergence, kl_rows_reference, reparameterize
 from .base import LatentModel, check_settings
 
 
@@ -75,6 +77,26 @@ class HierarchicalVAE(LatentModel):
         # The fused loss gives recon + beta * KL(q(z2|x) || N(0, I)) per row; the lower level is added to it.
         top = loss_terms(self.decoder(z1), self.target(x, flat), mu2, logvar2, beta=beta, reduction="none", likelihood=self.likelihood, backend=self.backend)
         return LossTerms(_reduce(top.loss + beta * kl1, reduction), _reduce(top.recon, reduction), _reduce(top.kl + kl1.detach(), reduction))
+
+    def log_weights(self, x: torch.Tensor, k: int, *, beta: float = 1.0, seed: int | None = None) -> LogWeights:
+        """The k importance log-weights of each input for both levels (what fastvae.iwae and score use):
+        log p(x | z1) + beta * (log p(z1 | z2) + log p(z2) - log q(z1 | x) - log q(z2 | x)), z1 and z2
+        drawn from q (Philox streams seed and seed + 1); kl: both levels' analytic KL, the lower one
+        averaged over the k draws of z2."""
+        flat = self.flatten(x)
+        target = self.target(x, flat)
+        mu1, logvar1 = self.encoder(flat)
+        mu2, logvar2 = self.encoder2(mu1)
+        z1 = reparameterize(mu1, logvar1, k=k, seed=seed, backend=self.backend)  # (k, B, z1 size)
+        z2 = reparameterize(mu2, logvar2, k=k, seed=None if seed is None else seed + 1, backend=self.backend)
+        b = mu1.shape[0]
+        prior_mu, prior_logvar = (t.view(k, b, -1) for t in self.prior_net(z2.reshape(k * b, -1)))
+        recon = recon_rows(self, self.decoder(z1.reshape(k * b, -1)), target.unsqueeze(0).expand(k, *target.shape).reshape(k * b, -1)).view(k, b)
+        z1, z2, mu1, logvar1, mu2, logvar2, prior_mu, prior_logvar = map(_checks.accumulate, (z1, z2, mu1, logvar1, mu2, logvar2, prior_mu, prior_logvar))
+        log_ratio = neg_log_normal(z1, mu1, logvar1) + neg_log_normal(z2, mu2, logvar2) - neg_log_normal(z1, prior_mu, prior_logvar) - neg_log_normal(z2)
+        lower = gaussian_kl(mu1.detach().expand(k, b, -1).reshape(k * b, -1), logvar1.detach().expand(k, b, -1).reshape(k * b, -1),
+                            prior_mu.detach().reshape(k * b, -1), prior_logvar.detach().reshape(k * b, -1)).view(k, b)
+        return LogWeights(-recon + beta * log_ratio, recon, kl_rows_reference(mu2.detach(), logvar2.detach()) + lower.mean(0))
 
     @torch.no_grad()
     def sample(self, n: int, *, seed: int | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
