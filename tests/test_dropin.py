@@ -287,7 +287,8 @@ def test_bce_module_weights_legacy_arguments_and_with_logits_match_torch():
     x, w = torch.rand(4, 7, dtype=torch.float64), torch.rand(7, dtype=torch.float64)
     probs = torch.sigmoid(logits)
     torch.testing.assert_close(nn.BCELoss(weight=w, reduction="sum")(x_hat, x), nn.BCELoss(weight=w, reduction="sum")(probs, x))
-    torch.testing.assert_close(F.binary_cross_entropy(x_hat, x, size_average=False), F.binary_cross_entropy(probs, x, reduction="sum"))
+    with pytest.warns(UserWarning, match="size_average and reduce args will be deprecated"):  # torch's own warning
+        torch.testing.assert_close(F.binary_cross_entropy(x_hat, x, size_average=False), F.binary_cross_entropy(probs, x, reduction="sum"))
     from fastvae.dropin.output import wrap
     raw = wrap(logits, logits, "logits")
     torch.testing.assert_close(F.binary_cross_entropy_with_logits(raw, x, reduction="sum"), F.binary_cross_entropy_with_logits(logits, x, reduction="sum"))
@@ -391,8 +392,8 @@ def test_fit_trains_the_users_module_in_place_with_the_engine(real_data, name, s
     torch.manual_seed(0)
     model = case.model()
     keys, before = list(model.state_dict()), snapshot(model)
-    images = real_data.images[:1024].reshape(-1, *shape)  # uint8, kept on the device as uint8 by the Trainer
-    history = fastvae.fit(model, images, real_data.labels[:1024] if labels else None, epochs=2, batch_size=128, device="cpu", progress=False)
+    images = real_data.images[:512].reshape(-1, *shape)  # uint8, kept on the device as uint8 by the Trainer
+    history = fastvae.fit(model, images, real_data.labels[:512] if labels else None, epochs=2, batch_size=128, device="cpu", progress=False)
     assert len(history) == 2 and history[1]["loss"] < history[0]["loss"] < 700, history
     assert list(model.state_dict()) == keys and not torch.equal(model.state_dict()[keys[0]], before[keys[0]])
     x = images[:8].float().div(255)
@@ -436,3 +437,13 @@ def test_example_after_is_before_plus_one_line_and_runs(real_data, capsys, name,
     result = runpy.run_path(str(examples / f"{name}_after.py"))["main"](["--epochs", "1", "--limit", "256", "--batch-size", "64"])
     first = result[0][0] if isinstance(result[0], tuple) else result[0]
     assert bounds[0] < first < bounds[1] and "Epoch: 1" in capsys.readouterr().out
+
+
+def test_keyword_arguments_are_part_of_the_recorded_batch():
+    case = next(c for c in CASES if c.name == "conditional_mlp")
+    model = fastvae.accelerate(case.model(), sampling="fused", seed=SEED)
+    x, labels = case.batch(6)
+    model(x, labels=labels)
+    x_hat, (mu, logvar), z = model(x, labels=labels)
+    assert isinstance(x_hat, DecoderOutput)
+    torch.testing.assert_close(z, mu + philox_eps(mu.shape, mu.dtype) * torch.exp(0.5 * logvar), rtol=1e-5, atol=1e-6)
