@@ -265,9 +265,12 @@ def _tagged(shape=(6, 2, 5, 5), scale=4.0):
     return logits, torch.sigmoid(wrap(logits, logits, "logits"))
 
 
+@pytest.mark.parametrize("route", ["torch", "fused"])
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 @pytest.mark.parametrize("view", ["none", "flatten", "crop", "view"])
-def test_users_bce_runs_from_the_logits_with_the_same_value_and_gradient(reduction, view):
+def test_users_bce_runs_from_the_logits_with_the_same_value_and_gradient(monkeypatch, reduction, view, route):
+    """From the logits by torch's BCE-with-logits or fastvae's fused loss (routing picks per device and size)."""
+    monkeypatch.setattr(routing, "CPU_FUSED_LOSS_MIN", 0 if route == "fused" else None)
     logits, x_hat = _tagged()
     assert isinstance(x_hat, DecoderOutput) and x_hat._fastvae_kind == "sigmoid"
     shape = {"none": lambda t: t, "flatten": lambda t: t.flatten(1), "crop": lambda t: t[:, :, 1:4, 1:4], "view": lambda t: t.view(-1, 50)}[view]
@@ -447,3 +450,22 @@ def test_keyword_arguments_are_part_of_the_recorded_batch():
     x_hat, (mu, logvar), z = model(x, labels=labels)
     assert isinstance(x_hat, DecoderOutput)
     torch.testing.assert_close(z, mu + philox_eps(mu.shape, mu.dtype) * torch.exp(0.5 * logvar), rtol=1e-5, atol=1e-6)
+
+
+def test_only_the_modules_around_what_pays_here_are_hooked():
+    """On CPU (auto): a tanh + MSE model keeps nothing but the forward's own two hooks; a sigmoid
+    model hooks its last layer only; forcing the fused sampling hooks the heads too."""
+    def hooked(model):
+        return sorted(name for name, m in model.named_modules() if name and (m._forward_hooks or m._forward_pre_hooks))
+    tanh = next(c for c in CASES if c.name == "tanh64_mlp")
+    model = fastvae.accelerate(tanh.model())
+    model(*tanh.batch(2))
+    model(*tanh.batch(2))
+    assert hooked(model) == [] and len(model._forward_hooks) == len(model._forward_pre_hooks) == 1
+    sigmoid = fastvae.accelerate(CASES[0].model())
+    for _ in range(2):
+        sigmoid(*CASES[0].batch(2))
+    assert hooked(sigmoid) == ["fc4"]
+    sigmoid._fastvae_dropin.sampling = "fused"
+    sigmoid(*CASES[0].batch(2))
+    assert hooked(sigmoid) == ["fc21", "fc22", "fc3", "fc4"]

@@ -54,19 +54,25 @@ class _Run(TorchFunctionMode):
         return func(*args, **kwargs) if steps is None else self.state.act(steps, func, args, kwargs)
 
 
+def _kinds(w: Window) -> set[str]:
+    """"wrap" and/or "sample": what a window's actions serve."""
+    return {"wrap" if step[0] == "wrap" else "sample" for steps in w.actions.values() for step in steps}
+
+
 class Dropin:
     """The accelerated state of one model: options, the plan, and the hooks' per-forward state.
 
     A plain object referenced by the model's hooks (so the model deep-copies, pickles and
-    torch.saves with it); the per-forward state is not pickled.
+    torch.saves with it); the per-forward state is not pickled. Submodule hooks exist only for
+    the windows that can act under the current conditions (none at all where nothing pays).
     """
 
     def __init__(self, sampling: str, backend: str | None, seed: int | None) -> None:
         self.sampling, self.backend, self.seed = sampling, backend, seed
         self.plan: Plan | None = None
-        self.handles: list[Any] = []
-        self.boundaries: dict[tuple[str, str], list[Window]] = {}
-        self.collect = False  # the engine adapter reads mu, logvar and z of every forward
+        self.handles: list[Any] = []  # the root hooks
+        self.hooked: tuple[frozenset[str], list[Any]] = (frozenset(), [])  # (window kinds served, submodule hooks)
+        self.collect = False  # the engine adapter reads mu, logvar and the logits of every forward
         self.z_override: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self._clear()
 
@@ -75,19 +81,21 @@ class Dropin:
         self.saved_buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.depth = 0
         self.counts: dict[tuple[str, str], int] = {}
+        self.live: list[Window] = []
         self.runs: list[_Run] = []
         self.slots: dict[str, torch.Tensor] = {}
-        self.device = torch.device("cpu")
         self.replacing = self.skipped = self.diverged = False
 
     def __getstate__(self) -> dict:
-        keep = ("sampling", "backend", "seed", "plan", "handles", "boundaries")
+        keep = ("sampling", "backend", "seed", "plan", "handles", "hooked")
         return {k: v for k, v in self.__dict__.items() if k in keep}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.collect, self.z_override = False, None
         self._clear()
+        if self.plan is not None:
+            self.live = [w for w in self.plan.windows if _kinds(w) & self.hooked[0]]
 
     # ---- root hooks -------------------------------------------------------------------------
     def begin(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -95,19 +103,24 @@ class Dropin:
         if self.depth > 1:
             return
         self._pop_runs()  # left over by a forward that raised before its hooks could clean up
-        self.counts.clear()
-        self.slots = {}
-        self.skipped = self.diverged = False
-        first = next((t for _, t in tensors_in((args, kwargs))), None)
-        self.device = first.device if first is not None else next(model.parameters()).device
         if self.plan is None:
             if model.training:
                 self.saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
                 self.recording = Recording(model, args, kwargs)
             return
+        first = next((t for _, t in tensors_in((args, kwargs))), None)
+        device = first.device if first is not None else next(model.parameters()).device
         s = self.plan.sampling
         self.replacing = s.replaceable and (self.sampling == "fused" or self.z_override is not None or
-                                            (self.sampling == "auto" and routing.fused_sampling(self.device, math.prod(s.shape))))
+                                            (self.sampling == "auto" and routing.fused_sampling(device, math.prod(s.shape))))
+        kinds = {"wrap"} | ({"sample"} if self.replacing or self.collect else set())
+        if kinds != self.hooked[0]:
+            self._hook(model, frozenset(kinds))
+        if not self.live:
+            return
+        self.counts.clear()
+        self.slots = {}
+        self.skipped = self.diverged = False
         self._event(("", "root", 0))
 
     def end(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -119,7 +132,7 @@ class Dropin:
             trace = recording.finish(output)
             try:
                 if output is not None:
-                    self._install(model, analyse(trace))
+                    self.plan = analyse(trace)
             except Refused:
                 with torch.no_grad():
                     for b, saved in self.saved_buffers:
@@ -130,7 +143,7 @@ class Dropin:
                 trace.drop()
                 self.saved_buffers = []
             return
-        if self.plan is None:
+        if not self.live:
             return
         self._event(("", "root", 1))
         self._pop_runs()
@@ -138,22 +151,28 @@ class Dropin:
             self._fail("the fused sample was never used")
 
     # ---- windows ----------------------------------------------------------------------------
-    def _install(self, model: nn.Module, plan: Plan) -> None:
-        modules = dict(model.named_modules())
-        for w in plan.windows:
+    def _hook(self, model: nn.Module, kinds: frozenset[str]) -> None:
+        """Hook the submodules that bound the windows serving `kinds` (and no others)."""
+        for h in self.hooked[1]:
+            h.remove()
+        self.live = [w for w in self.plan.windows if _kinds(w) & kinds]
+        modules, handles, seen = dict(model.named_modules()), [], set()
+        for w in self.live:
             for name, kind, _ in (w.start, w.end):
-                if kind == "root":
+                if kind == "root" or (name, kind) in seen:
                     continue
-                if (name, kind) not in self.boundaries:
-                    self.boundaries[(name, kind)] = []
-                    hook = functools.partial(self._module_event, name, kind)
-                    module = modules[name]
-                    self.handles.append(module.register_forward_pre_hook(hook) if kind == "enter" else
-                                        module.register_forward_hook(hook, always_call=True))
-        self.plan = plan
+                seen.add((name, kind))
+                hook = functools.partial(self._module_event, name, kind)
+                handles.append(modules[name].register_forward_pre_hook(hook) if kind == "enter" else
+                               modules[name].register_forward_hook(hook, always_call=True))
+        self.hooked = (kinds, handles)
+
+    def unhook(self) -> None:
+        for h in self.handles + self.hooked[1]:
+            h.remove()
 
     def _module_event(self, name: str, kind: str, module: nn.Module, *rest: Any) -> None:
-        if self.depth != 1 or self.plan is None:
+        if self.depth != 1:
             return
         n = self.counts.get((name, kind), 0)
         self.counts[(name, kind)] = n + 1
@@ -162,15 +181,11 @@ class Dropin:
     def _event(self, event: tuple[str, str, int]) -> None:
         while self.runs and self.runs[-1].window.end == event:
             self._pop()
-        for w in self.plan.windows:
-            if w.start == event and self._wanted(w):
+        for w in self.live:
+            if w.start == event:
                 run = _Run(self, w)
                 run.__enter__()
                 self.runs.append(run)
-
-    def _wanted(self, w: Window) -> bool:
-        kinds = {step[0] for steps in w.actions.values() for step in steps}
-        return "wrap" in kinds or self.collect or self.replacing
 
     def _pop(self) -> None:
         run = self.runs.pop()
@@ -300,8 +315,7 @@ def deaccelerate(model: nn.Module) -> nn.Module:
     """Undo ``accelerate``: remove its hooks."""
     state = getattr(model, "_fastvae_dropin", None)
     if state is not None:
-        for h in state.handles:
-            h.remove()
+        state.unhook()
         del model._fastvae_dropin
     return model
 
