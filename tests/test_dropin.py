@@ -469,3 +469,36 @@ def test_only_the_modules_around_what_pays_here_are_hooked():
     sigmoid._fastvae_dropin.sampling = "fused"
     sigmoid(*CASES[0].batch(2))
     assert hooked(sigmoid) == ["fc21", "fc22", "fc3", "fc4"]
+
+
+def test_unvalidated_normal_and_a_multi_output_call_in_the_sampling():
+    """Normal(..., validate_args=False): broadcast_tensors (two outputs) feeds only the sample; it still runs."""
+    class Unvalidated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.dec = nn.Linear(12, 6), nn.Linear(3, 12)
+
+        def forward(self, x):
+            mu, log_std = self.enc(x).chunk(2, 1)
+            z = Normal(mu, log_std.exp(), validate_args=False).rsample()
+            return torch.sigmoid(self.dec(z)), mu, log_std, z
+
+    from torch.distributions import Normal
+    model = fastvae.accelerate(Unvalidated(), sampling="fused", seed=SEED)
+    x = torch.rand(5, 12)
+    model(x)
+    with InjectEps() as spy:
+        x_hat, mu, log_std, z = model(x)
+    assert spy.draws == 0 and "logstd" in explain(model)
+    torch.testing.assert_close(z, mu + philox_eps(mu.shape, mu.dtype) * log_std.exp(), rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_of_an_accelerated_model_compiles_the_code_as_written():
+    case = CASES[0]
+    model = fastvae.accelerate(case.model())
+    batch = case.batch(16)
+    model(*batch)
+    compiled = torch.compile(model)
+    out = compiled(*batch)
+    case.loss(compiled, batch, out).backward()
+    assert type(out[0]) is torch.Tensor and isinstance(model(*batch)[0], DecoderOutput)

@@ -100,7 +100,7 @@ class Dropin:
     # ---- root hooks -------------------------------------------------------------------------
     def begin(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         self.depth += 1
-        if self.depth > 1:
+        if self.depth > 1 or torch.compiler.is_compiling():  # torch.compile traces the model as written
             return
         self._pop_runs()  # left over by a forward that raised before its hooks could clean up
         if self.plan is None:
@@ -125,7 +125,7 @@ class Dropin:
 
     def end(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self.depth -= 1
-        if self.depth > 0:
+        if self.depth > 0 or torch.compiler.is_compiling():
             return
         if self.recording is not None:
             recording, self.recording = self.recording, None

@@ -237,7 +237,7 @@ def _skip_set(g: _Graph, site: _Site) -> tuple[set[int], str]:
             chain.add(p)
             stack.append(p)
     returned = {vid for _, vid in t.outputs}
-    skip = set(chain)
+    skip = {c for c in chain if len(t.calls[c].outputs) == 1}  # a skipped call returns one stand-in tensor
     changed = True
     while changed:
         changed = False
