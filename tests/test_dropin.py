@@ -502,3 +502,25 @@ def test_torch_compile_of_an_accelerated_model_compiles_the_code_as_written():
     out = compiled(*batch)
     case.loss(compiled, batch, out).backward()
     assert type(out[0]) is torch.Tensor and isinstance(model(*batch)[0], DecoderOutput)
+
+
+def test_calls_that_differ_after_the_sample_run_as_written():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.w = nn.Linear(12, 6), nn.Parameter(torch.randn(12, 3) * 0.1)
+
+        def forward(self, x):
+            mu, logvar = self.enc(x).chunk(2, 1)
+            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+            h = z * 2 if self.training else z + 0  # no module between the sample and the last layer
+            return torch.sigmoid(h @ self.w.t()), mu, logvar
+
+    model = fastvae.accelerate(Branchy(), sampling="fused")
+    x = torch.rand(300, 12)
+    model(x)
+    assert isinstance(model(x)[0], DecoderOutput)
+    model.eval()
+    with InjectEps() as spy:
+        x_hat, mu, logvar = model(x)
+    assert spy.draws == 0 and type(x_hat) is torch.Tensor

@@ -39,24 +39,22 @@ class _Run(TorchFunctionMode):
 
     def __init__(self, state: Dropin, window: Window) -> None:
         super().__init__()
-        self.state, self.window, self.i = state, window, 0
+        self.state, self.window, self.i, self.off = state, window, 0, False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         i, w = self.i, self.window
         self.i += 1
-        if i >= len(w.keys) or self.state.diverged:
+        sampling = "sample" in w.serves
+        if self.off or i >= len(w.keys) or (sampling and self.state.diverged):
             return func(*args, **kwargs)
         if func_key(func) != w.keys[i]:
-            self.state.diverge(f"{short(func_key(func))} where the first batch ran {short(w.keys[i])}")
+            if sampling:
+                self.state.diverge(f"{short(func_key(func))} where the first batch ran {short(w.keys[i])}")
+            self.off = True  # this run of calls differs from the first batch's: it runs as written
             return func(*args, **kwargs)
         steps = w.actions.get(i)
         return func(*args, **kwargs) if steps is None else self.state.act(steps, func, args, kwargs)
-
-
-def _kinds(w: Window) -> set[str]:
-    """"wrap" and/or "sample": what a window's actions serve."""
-    return {"wrap" if step[0] == "wrap" else "sample" for steps in w.actions.values() for step in steps}
 
 
 class Dropin:
@@ -95,7 +93,7 @@ class Dropin:
         self.collect, self.z_override = False, None
         self._clear()
         if self.plan is not None:
-            self.live = [w for w in self.plan.windows if _kinds(w) & self.hooked[0]]
+            self.live = [w for w in self.plan.windows if w.serves & self.hooked[0]]
 
     # ---- root hooks -------------------------------------------------------------------------
     def begin(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -155,7 +153,7 @@ class Dropin:
         """Hook the submodules that bound the windows serving `kinds` (and no others)."""
         for h in self.hooked[1]:
             h.remove()
-        self.live = [w for w in self.plan.windows if _kinds(w) & kinds]
+        self.live = [w for w in self.plan.windows if w.serves & kinds]
         modules, handles, seen = dict(model.named_modules()), [], set()
         for w in self.live:
             for name, kind, _ in (w.start, w.end):
@@ -199,9 +197,9 @@ class Dropin:
 
     # ---- actions ----------------------------------------------------------------------------
     def diverge(self, what: str) -> None:
-        if self.skipped:
+        if self.skipped and "z" not in self.slots:
             self._fail(f"it ran {what}")
-        self.diverged = True  # nothing replaced yet: this forward runs as written
+        self.diverged = True  # nothing replaced, or the sample is complete: the rest runs as written
 
     def _fail(self, what: str) -> None:
         raise RuntimeError(f"fastvae.accelerate: this forward's sampling differed from the first batch's while its calls were being "

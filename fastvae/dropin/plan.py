@@ -55,6 +55,7 @@ class Window:
     end: Event
     keys: list[str]
     actions: dict[int, tuple]
+    serves: frozenset[str] = frozenset()  # "sample" and/or "wrap"
 
 
 @dataclasses.dataclass
@@ -276,7 +277,8 @@ def _windows(g: _Graph, actions: dict[int, list[tuple]]) -> list[Window]:
             runs[b] = ([item for kind, item in t.events[lo + 1:hi] if kind == "call"], {})
         calls, acts = runs[b]
         acts[calls.index(index)] = tuple(steps)
-    return [Window(bounds[b][1], bounds[b + 1][1], [t.calls[c].key for c in calls[:max(acts) + 1]], acts)
+    return [Window(bounds[b][1], bounds[b + 1][1], [t.calls[c].key for c in calls[:max(acts) + 1]], acts,
+                   frozenset("wrap" if step[0] == "wrap" else "sample" for steps in acts.values() for step in steps))
             for b, (calls, acts) in sorted(runs.items())]
 
 
