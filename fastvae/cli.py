@@ -191,6 +191,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def info() -> dict:
     from . import __version__, backends
+    from .dropin import routing
 
     try:
         import triton
@@ -200,7 +201,8 @@ def info() -> dict:
         triton_version = None
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     return {"fastvae": __version__, "python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
-            "cuda": torch.version.cuda, "gpus": gpus, "cpu_threads": torch.get_num_threads(), "backends": backends()}
+            "cuda": torch.version.cuda, "gpus": gpus, "cpu_threads": torch.get_num_threads(), "backends": backends(),
+            "dropin": routing.describe()}
 
 
 if __name__ == "__main__":

@@ -524,3 +524,12 @@ def test_calls_that_differ_after_the_sample_run_as_written():
     with InjectEps() as spy:
         x_hat, mu, logvar = model(x)
     assert spy.draws == 0 and type(x_hat) is torch.Tensor
+
+
+def test_routing_rule_cuda_fused_cpu_measured_and_reported():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert routing.fused_sampling(cuda, 1) and routing.fused_loss(cuda, 1) and routing.loss_from_logits(cuda, 1)
+    assert not routing.fused_sampling(cpu, 10 ** 8) and not routing.fused_loss(cpu, 10 ** 8)  # measured: never pays on this CPU
+    assert routing.loss_from_logits(cpu, routing.CPU_LOGITS_MIN) and not routing.loss_from_logits(cpu, routing.CPU_LOGITS_MIN - 1)
+    from fastvae.cli import info
+    assert info()["dropin"] == routing.describe() and "on CUDA: all fused" in routing.describe()

@@ -209,9 +209,10 @@ class Dropin:
         kind = steps[0][0]
         if kind in ("skip", "buffer", "z") and self.replacing:
             self.skipped = True
-            if kind == "skip":
-                first = args[0] if args and isinstance(args[0], torch.Tensor) else None
-                return first if first is not None else self.slots.get("mu", torch.empty(0))
+            if kind == "skip":  # a stand-in: only other skipped calls would read it
+                if args and isinstance(args[0], torch.Tensor):
+                    return args[0]
+                return self.slots["mu"] if "mu" in self.slots else torch.empty(0)
             if kind == "buffer":
                 return torch.empty_like(self._slot("mu"))
             z = self._sample()
@@ -253,8 +254,6 @@ class Dropin:
         if not (self.collect or routing.loss_from_logits(t.device, t.numel())):
             return out
         tagged = wrap(t, t, "logits")
-        if self.collect:
-            self.slots["logits"] = t
         if isinstance(out, torch.Tensor):
             return tagged
         if isinstance(out, (tuple, list)) and any(item is t for item in out):
@@ -297,9 +296,10 @@ def analyse_now(model: nn.Module, example: Any) -> Plan:
     args = example if isinstance(example, tuple) else (example,)
     was_training = model.training
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
     try:
         model.train()
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
             model(*args)
     finally:
         model.train(was_training)
@@ -330,7 +330,8 @@ def explain(model: nn.Module) -> str:
 
 @contextlib.contextmanager
 def collecting(model: nn.Module) -> Iterator[Dropin]:
-    """While active, each forward of the accelerated `model` leaves mu, scale, z and logits in ``state.slots``."""
+    """While active, each forward of the accelerated `model` captures mu and the scale (``state.slots``,
+    ``state.logvar()``) and tags its decoder output with the logits at any size."""
     state: Dropin = model._fastvae_dropin
     old, state.collect = state.collect, True
     try:

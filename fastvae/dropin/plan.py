@@ -91,13 +91,14 @@ class Plan:
         s = self.sampling
         lines = [f"sample: z = {s.z} from mu = {s.mu}, {s.form} = {s.scale}, eps = {s.eps}"]
         if s.replaceable:
-            lines.append(f"  fused where it pays; then skipped: {', '.join(s.skipped) or 'nothing'}")
+            lines.append(f"  where the fused sampler pays, it replaces these calls: {', '.join(s.skipped)}")
         else:
-            lines.append(f"  the user's sampling runs: {s.reason}")
+            lines.append(f"  your own sampling runs: {s.reason}")
         for o in self.outputs:
             what = {"sigmoid": "sigmoid(logits)", "tanh": "tanh(logits)", "logits": "the logits"}[o.kind]
-            use = ("binary_cross_entropy on it runs from the logits (fused)" if o.kind == "sigmoid" else
-                   "binary_cross_entropy_with_logits on it runs fused" if o.kind == "logits" else "its loss runs as written")
+            use = ("binary_cross_entropy on it runs from the logits" if o.kind == "sigmoid" else
+                   "binary_cross_entropy_with_logits on it runs fused where that pays" if o.kind == "logits" else
+                   "its loss runs as written")
             lines.append(f"decoder output: {what}, logits = {o.logits}; {use}")
         if not self.outputs:
             lines.append("decoder output: none found among the returned tensors; the loss runs as written")
