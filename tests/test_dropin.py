@@ -533,3 +533,19 @@ def test_routing_rule_cuda_fused_cpu_measured_and_reported():
     assert routing.loss_from_logits(cpu, routing.CPU_LOGITS_MIN) and not routing.loss_from_logits(cpu, routing.CPU_LOGITS_MIN - 1)
     from fastvae.cli import info
     assert info()["dropin"] == routing.describe() and "on CUDA: all fused" in routing.describe()
+
+
+def test_tagging_stops_when_no_loss_computes_a_bce_from_the_output():
+    """dict_batch_mlp ends in a sigmoid but its loss is an MSE: after a few steps nothing is intercepted."""
+    from fastvae.dropin.accelerate import UNUSED_TAGS
+    mse, bce = (next(c for c in CASES if c.name == n) for n in ("dict_batch_mlp", "examples_mlp"))
+    for case, stays in ((mse, False), (bce, True)):
+        model = fastvae.accelerate(case.model())
+        batch = case.batch(4)
+        for _ in range(UNUSED_TAGS + 2):
+            case.loss(model, batch, model(*batch)).backward()
+        out = outputs(model(*batch))
+        assert any(isinstance(t, DecoderOutput) for t in out) == stays, case.name
+        assert ("no longer tagged" not in explain(model)) == stays
+        hooked = [m for name, m in model.named_modules() if name and (m._forward_hooks or m._forward_pre_hooks)]
+        assert bool(hooked) == stays

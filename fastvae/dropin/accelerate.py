@@ -32,6 +32,7 @@ from .plan import Plan, Refused, Window, analyse
 from .trace import Recording, func_key, short, tensors_in
 
 SAMPLING = ("auto", "fused", "user")
+UNUSED_TAGS = 8  # forwards whose tagged output no loss computed a BCE from, before tagging stops
 
 
 class _Run(TorchFunctionMode):
@@ -72,6 +73,7 @@ class Dropin:
         self.hooked: tuple[frozenset[str], list[Any]] = (frozenset(), [])  # (window kinds served, submodule hooks)
         self.collect = False  # the engine adapter reads mu, logvar and the logits of every forward
         self.z_override: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self.tagging, self.loss_seen, self.unused = True, False, 0
         self._clear()
 
     def _clear(self) -> None:
@@ -82,10 +84,10 @@ class Dropin:
         self.live: list[Window] = []
         self.runs: list[_Run] = []
         self.slots: dict[str, torch.Tensor] = {}
-        self.replacing = self.skipped = self.diverged = False
+        self.replacing = self.skipped = self.diverged = self.tagged = False
 
     def __getstate__(self) -> dict:
-        keep = ("sampling", "backend", "seed", "plan", "handles", "hooked")
+        keep = ("sampling", "backend", "seed", "plan", "handles", "hooked", "tagging", "loss_seen", "unused")
         return {k: v for k, v in self.__dict__.items() if k in keep}
 
     def __setstate__(self, state: dict) -> None:
@@ -111,7 +113,11 @@ class Dropin:
         s = self.plan.sampling
         self.replacing = s.replaceable and (self.sampling == "fused" or self.z_override is not None or
                                             (self.sampling == "auto" and routing.fused_sampling(device, math.prod(s.shape))))
-        kinds = {"wrap"} | ({"sample"} if self.replacing or self.collect else set())
+        if self.tagged and not self.loss_seen:  # the last forward's tagged output fed no BCE (an MSE loss, say)
+            self.unused += 1
+            self.tagging = self.unused < UNUSED_TAGS
+        self.tagged = False
+        kinds = ({"wrap"} if self.tagging or self.collect else set()) | ({"sample"} if self.replacing or self.collect else set())
         if kinds != self.hooked[0]:
             self._hook(model, frozenset(kinds))
         if not self.live:
@@ -253,7 +259,8 @@ class Dropin:
         t = out if isinstance(out, torch.Tensor) else list(tensors_in(out))[pos][1]
         if not (self.collect or routing.loss_from_logits(t.device, t.numel())):
             return out
-        tagged = wrap(t, t, "logits")
+        tagged = wrap(t, t, "logits", self)
+        self.tagged = not self.collect  # the engine reads the logits itself
         if isinstance(out, torch.Tensor):
             return tagged
         if isinstance(out, (tuple, list)) and any(item is t for item in out):
@@ -325,7 +332,8 @@ def explain(model: nn.Module) -> str:
         return "not accelerated"
     if state.plan is None:
         return "accelerated; its parts are found on its first forward in training mode"
-    return state.plan.describe() + "\n" + routing.describe()
+    note = "" if state.tagging else f"\nno BCE was computed from the decoder output in {UNUSED_TAGS} forwards: it is no longer tagged"
+    return state.plan.describe() + note + "\n" + routing.describe()
 
 
 @contextlib.contextmanager

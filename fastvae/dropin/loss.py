@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .. import _checks
 from ..ops.loss import loss_terms, target_values
 from ..ops.reparam import kl_rows_reference
-from .output import DecoderOutput, logits_of
+from .output import DecoderOutput, logits_of, used
 
 
 def _refuse_swapped(x_hat: torch.Tensor, x: torch.Tensor) -> None:
@@ -47,6 +47,7 @@ def vae_loss(x_hat: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: tor
                          "use fastvae.functional.bce_kl_loss(x_hat, x, mu, logvar) or F.binary_cross_entropy_with_logits")
     logits = logits_of(x_hat, "sigmoid")
     if logits is not None:
+        used(x_hat)
         return loss_terms(logits.reshape(mu.shape[0], -1), x, mu, logvar, beta=beta, reduction=reduction).loss
     beta = _checks.beta(beta)
     if x.numel() != x_hat.numel():

@@ -58,11 +58,16 @@ class DecoderOutput(torch.Tensor):
             return result
 
 
-def wrap(t: torch.Tensor, logits: torch.Tensor, kind: str) -> DecoderOutput:
-    """`t` (sigmoid(logits) or the logits themselves) as a DecoderOutput; same values and autograd graph."""
+def wrap(t: torch.Tensor, logits: torch.Tensor, kind: str, owner: object = None) -> DecoderOutput:
+    """`t` (sigmoid(logits) or the logits themselves) as a DecoderOutput; same values and autograd graph.
+
+    `owner` (the model's drop-in state) is told, through ``owner.loss_seen = True``, when a BCE
+    is computed from it: tagging that no loss uses is then switched off.
+    """
     out = t.as_subclass(DecoderOutput)
     out._fastvae_logits = logits
     out._fastvae_kind = kind
+    out._fastvae_owner = owner
     return out
 
 
@@ -71,6 +76,12 @@ def logits_of(t: object, kind: str) -> torch.Tensor | None:
     if isinstance(t, DecoderOutput) and t._fastvae_kind == kind:
         return t._fastvae_logits
     return None
+
+
+def used(t: DecoderOutput) -> None:
+    """A loss was computed from `t`'s logits: tell the model it came from."""
+    if t._fastvae_owner is not None:
+        t._fastvae_owner.loss_seen = True
 
 
 def _in_place(func) -> bool:
@@ -83,7 +94,7 @@ def _sigmoid(args, kwargs):
     logits = logits_of(x, "logits")
     if logits is None or len(args) != 1 or kwargs:
         return None
-    return wrap(torch.sigmoid(x), logits, "sigmoid")
+    return wrap(torch.sigmoid(x), logits, "sigmoid", x._fastvae_owner)
 
 
 def _view(func, args, kwargs):
@@ -92,12 +103,12 @@ def _view(func, args, kwargs):
         return None
     out = func(*args, **kwargs)
     if x._fastvae_kind == "logits":
-        return wrap(out, out, "logits")
+        return wrap(out, out, "logits", x._fastvae_owner)
     try:
         logits = func(x._fastvae_logits, *args[1:], **kwargs)
     except RuntimeError:  # e.g. a view the logits' strides do not allow: forget them
         return out
-    return wrap(out, logits, x._fastvae_kind) if logits.shape == out.shape else out
+    return wrap(out, logits, x._fastvae_kind, x._fastvae_owner) if logits.shape == out.shape else out
 
 
 def _bce(args, kwargs, names, kind):
@@ -113,6 +124,7 @@ def _bce(args, kwargs, names, kind):
     reduction = bound.get("reduction", "mean")
     if bound.get("size_average") is not None or bound.get("reduce") is not None:
         reduction = _reduction.legacy_get_string(bound.get("size_average"), bound.get("reduce"))
+    used(bound["input"])
     return bce_from_logits(logits, target, bound.get("weight"), reduction)
 
 
