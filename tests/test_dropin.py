@@ -63,7 +63,10 @@ def hooks_left(model):
 
 @pytest.mark.parametrize("dtype,backend,tol", [(torch.float32, None, 1e-5), (torch.float64, "torch", 1e-10)], ids=["float32", "float64"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_accepted_with_the_users_loss_outputs_and_gradients(case, dtype, backend, tol):
+def test_accepted_with_the_users_loss_outputs_and_gradients(monkeypatch, case, dtype, backend, tol):
+    """float32: every fused path forced (sampler and loss kernel); float64: the CPU's routing (torch's BCE-with-logits)."""
+    if dtype == torch.float32:
+        monkeypatch.setattr(routing, "CPU_FUSED_LOSS_MIN", 0)
     torch.manual_seed(0)
     user = case.model().to(dtype)
     acc = copy.deepcopy(user)
@@ -390,15 +393,19 @@ def test_bf16_autocast_trains_a_sigmoid_bce_model_pytorch_refuses(monkeypatch, r
 # ---- the whole engine -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,shape,labels", [("examples_mlp", (28, 28), False), ("crop_conv28", (1, 28, 28), False),
                                                ("conditional_mlp", (1, 28, 28), True)])
-def test_fit_trains_the_users_module_in_place_with_the_engine(real_data, name, shape, labels):
+def test_fit_trains_the_users_module_in_place_with_the_engine(real_data, tmp_path, name, shape, labels):
     case = next(c for c in CASES if c.name == name)
     torch.manual_seed(0)
     model = case.model()
     keys, before = list(model.state_dict()), snapshot(model)
     images = real_data.images[:512].reshape(-1, *shape)  # uint8, kept on the device as uint8 by the Trainer
-    history = fastvae.fit(model, images, real_data.labels[:512] if labels else None, epochs=2, batch_size=128, device="cpu", progress=False)
+    history = fastvae.fit(model, images, real_data.labels[:512] if labels else None, epochs=2, batch_size=128, device="cpu",
+                          progress=False, out_dir=tmp_path)
     assert len(history) == 2 and history[1]["loss"] < history[0]["loss"] < 700, history
     assert list(model.state_dict()) == keys and not torch.equal(model.state_dict()[keys[0]], before[keys[0]])
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert list(saved["model"]) == keys and saved["config"]["model"] == "dropin"  # the user's own state_dict
+    case.model().load_state_dict(saved["model"])
     x = images[:8].float().div(255)
     out = model(x, real_data.labels[:8]) if labels else model(x)
     assert isinstance(out[0], DecoderOutput)  # still the user's module, accelerated

@@ -230,7 +230,7 @@ class Dropin:
             if step[0] == "capture":
                 self.slots[step[1]] = list(tensors_in(out))[step[2]][1]
             elif step[0] == "wrap":
-                out = self._wrap(out, step[1])
+                out = self._wrap(out, step[1], step[2])
         return out
 
     def _slot(self, name: str) -> torch.Tensor:
@@ -255,9 +255,12 @@ class Dropin:
         self.slots["z"] = z
         return z
 
-    def _wrap(self, out: Any, pos: int) -> Any:
+    def _wrap(self, out: Any, pos: int, kind: str) -> Any:
+        """Tag the logits `out` (or its tensor at `pos`) where that pays: a BCE on their sigmoid runs from
+        them; a BCE-with-logits on them (already from the logits) only gains where the fused kernel is faster."""
         t = out if isinstance(out, torch.Tensor) else list(tensors_in(out))[pos][1]
-        if not (self.collect or routing.loss_from_logits(t.device, t.numel())):
+        pays = routing.loss_from_logits if kind == "sigmoid" else routing.fused_loss
+        if not (self.collect or pays(t.device, t.numel())):
             return out
         tagged = wrap(t, t, "logits", self)
         self.tagged = not self.collect  # the engine reads the logits itself

@@ -70,6 +70,13 @@ class DropinModel(LatentModel):
             raise Refused(f"fastvae.fit: likelihood='bernoulli' needs a decoder ending in a sigmoid or raw logits; this one ends in "
                           f"{self.output.kind} ({self.output.logits}); use likelihood='gaussian'")
 
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict:
+        """The user's module's own state_dict (checkpoints load into it as they are)."""
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False) -> Any:
+        return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
+
     def config(self) -> dict:
         cls = type(self.module)
         return {"model": self.name, "module": f"{cls.__module__}.{cls.__qualname__}", "input_shape": list(self.input_shape),

@@ -365,7 +365,7 @@ def analyse(trace: Trace) -> Plan:
         call = g.call(vid)
         wrap = kind in ("sigmoid", "logits") and call.index not in actions
         if wrap:
-            actions[call.index] = [("wrap", pos)]
+            actions[call.index] = [("wrap", pos, kind)]
         outputs.append(Output(kind, g.describe(vid), path, wrap))
     sampling = Sampling(site.form, g.describe(site.mu), g.describe(site.scale), g.describe(site.z), g.describe(site.eps),
                         tuple(trace.values[site.mu].tensor.shape), not reason, reason,
