@@ -460,15 +460,17 @@ def test_keyword_arguments_are_part_of_the_recorded_batch():
 
 
 def test_only_the_modules_around_what_pays_here_are_hooked():
-    """On CPU (auto): a tanh + MSE model keeps nothing but the forward's own two hooks; a sigmoid
-    model hooks its last layer only; forcing the fused sampling hooks the heads too."""
+    """On CPU (auto): a tanh + MSE model and a raw-logits model (torch's BCE-with-logits is what runs
+    there anyway) keep nothing but the forward's own two hooks; a sigmoid model hooks its last layer
+    only; forcing the fused sampling hooks the heads too."""
     def hooked(model):
         return sorted(name for name, m in model.named_modules() if name and (m._forward_hooks or m._forward_pre_hooks))
-    tanh = next(c for c in CASES if c.name == "tanh64_mlp")
-    model = fastvae.accelerate(tanh.model())
-    model(*tanh.batch(2))
-    model(*tanh.batch(2))
-    assert hooked(model) == [] and len(model._forward_hooks) == len(model._forward_pre_hooks) == 1
+    for name in ("tanh64_mlp", "distributions_mlp"):
+        case = next(c for c in CASES if c.name == name)
+        model = fastvae.accelerate(case.model())
+        model(*case.batch(2))
+        model(*case.batch(2))
+        assert hooked(model) == [] and len(model._forward_hooks) == len(model._forward_pre_hooks) == 1
     sigmoid = fastvae.accelerate(CASES[0].model())
     for _ in range(2):
         sigmoid(*CASES[0].batch(2))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import sys
 from typing import Any, Callable, Iterator
 
 import torch
@@ -117,7 +118,13 @@ class Dropin:
             self.unused += 1
             self.tagging = self.unused < UNUSED_TAGS
         self.tagged = False
-        kinds = ({"wrap"} if self.tagging or self.collect else set()) | ({"sample"} if self.replacing or self.collect else set())
+        kinds = set()
+        if self.tagging or self.collect:
+            kinds.add("sigmoid")
+            if self.collect or routing.fused_loss(device, sys.maxsize):  # raw logits: tagged only where the fused loss can pay
+                kinds.add("logits")
+        if self.replacing or self.collect:
+            kinds.add("sample")
         if kinds != self.hooked[0]:
             self._hook(model, frozenset(kinds))
         if not self.live:

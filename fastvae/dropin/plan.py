@@ -55,7 +55,7 @@ class Window:
     end: Event
     keys: list[str]
     actions: dict[int, tuple]
-    serves: frozenset[str] = frozenset()  # "sample" and/or "wrap"
+    serves: frozenset[str] = frozenset()  # "sample", and the kinds of decoder output it tags: "sigmoid", "logits"
 
 
 @dataclasses.dataclass
@@ -279,7 +279,7 @@ def _windows(g: _Graph, actions: dict[int, list[tuple]]) -> list[Window]:
         calls, acts = runs[b]
         acts[calls.index(index)] = tuple(steps)
     return [Window(bounds[b][1], bounds[b + 1][1], [t.calls[c].key for c in calls[:max(acts) + 1]], acts,
-                   frozenset("wrap" if step[0] == "wrap" else "sample" for steps in acts.values() for step in steps))
+                   frozenset(step[2] if step[0] == "wrap" else "sample" for steps in acts.values() for step in steps))
             for b, (calls, acts) in sorted(runs.items())]
 
 
