@@ -10,7 +10,8 @@ Records carry extra_info {"op": "dropin", "pass": "step", "model", "impl", "back
 [batch], "dtype", "device"}. Sizes: FASTVAE_BENCH_SIZE=smoke (2 models, batch 16), quick (the MLP
 models and one conv model, batch 128) or full (all, batch 128). Run through ``python -m
 benchmarks.run --parts dropin`` or ``python -m pytest benchmarks/test_dropin.py --benchmark-only``.
-Timings on a shared machine are noisy: compare impls of one model run close together, min of many.
+On a shared, noisy machine compare with ``python -m benchmarks.test_dropin --seconds 600``: the
+impls interleaved step by step, min and median of paired ratios (the README's numbers).
 """
 from __future__ import annotations
 
@@ -47,6 +48,12 @@ def _cases() -> tuple[int, list]:
 
 
 BATCH, CASES = _cases()
+
+
+def _batch(case) -> tuple:
+    """The same batch of BATCH for every impl, on the device."""
+    return tuple(t.to(DEV) if isinstance(t, torch.Tensor) else {k: v.to(DEV) for k, v in t.items()}
+                 for t in case.batch(BATCH, torch.Generator().manual_seed(0)))
 
 
 def _loop_step(case, model, batch):
@@ -91,9 +98,7 @@ def test_step(benchmark, case, impl):
     if case.inputs == "dict" and impl == "engine":
         pytest.skip("fastvae.fit takes forward(x) or forward(x, labels), not a dict batch")
     torch.manual_seed(0)
-    model = case.model().to(DEV)
-    batch = tuple(t.to(DEV) if isinstance(t, torch.Tensor) else {k: v.to(DEV) for k, v in t.items()}
-                  for t in case.batch(BATCH, torch.Generator().manual_seed(0)))
+    model, batch = case.model().to(DEV), _batch(case)
     if impl == "engine":
         step = _engine_step(case, model, batch)
     else:
@@ -113,3 +118,56 @@ def test_step(benchmark, case, impl):
         "shape": [BATCH], "dtype": "float32", "device": DEV.type,
     })
     benchmark(timed)
+
+
+def interleaved(seconds: float, names: list[str] | None = None) -> dict[str, dict]:
+    """Every impl of every model one step after the other, round after round for `seconds`: the min per
+    impl and the median of the per-round ratios user / impl (robust on a shared, noisy machine)."""
+    import statistics
+    import time
+
+    steps = {}
+    for case in CASES:
+        if names and case.name not in names:
+            continue
+        for impl in IMPLS:
+            if case.inputs == "dict" and impl == "engine":
+                continue
+            torch.manual_seed(0)
+            model, batch = case.model().to(DEV), _batch(case)
+            if impl == "accelerated":
+                model = fastvae.accelerate(model)
+            step = _engine_step(case, model, batch) if impl == "engine" else _loop_step(case, model, batch)
+            for _ in range(12):  # past the first (recorded) forward, the tagging decision, the graph capture
+                step()
+            steps[(case.name, impl)] = step
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in steps}
+    end = time.time() + seconds
+    while time.time() < end:
+        for key, step in steps.items():
+            t = time.perf_counter()
+            step()
+            common.sync(DEV)
+            times[key].append(time.perf_counter() - t)
+    result = {}
+    for name in dict.fromkeys(k[0] for k in steps):
+        user = times[(name, "user")]
+        row = {"rounds": len(user), "user_ms": min(user) * 1e3}
+        for impl in IMPLS[1:]:
+            if (name, impl) in times:
+                t = times[(name, impl)]
+                row[impl] = {"ms": min(t) * 1e3, "speedup_min": min(user) / min(t),
+                             "speedup_median_pair": statistics.median(a / b for a, b in zip(user, t))}
+        result[name] = row
+    return result
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="interleaved drop-in step timings (python -m benchmarks.test_dropin)")
+    parser.add_argument("--seconds", type=float, default=600)
+    parser.add_argument("--models", default="", help="comma-separated names (default: all of the preset)")
+    args = parser.parse_args()
+    print(json.dumps(interleaved(args.seconds, [n for n in args.models.split(",") if n]), indent=1))

@@ -558,3 +558,14 @@ def test_tagging_stops_when_no_loss_computes_a_bce_from_the_output():
         assert ("no longer tagged" not in explain(model)) == stays
         hooked = [m for name, m in model.named_modules() if name and (m._forward_hooks or m._forward_pre_hooks)]
         assert bool(hooked) == stays
+
+
+def test_benchmark_steps_run():
+    """benchmarks/test_dropin.py's three steps, once each (the timing runs through benchmarks.run)."""
+    from benchmarks import test_dropin as bench
+    case = CASES[0]
+    for make in (bench._loop_step, bench._engine_step):
+        model = case.model()
+        before = snapshot(model)
+        make(case, model, case.batch(bench.BATCH))()
+        assert not torch.equal(model.state_dict()["fc1.weight"], before["fc1.weight"])
