@@ -1,9 +1,10 @@
 """A typical PyTorch VAE script (the pytorch/examples style), on Fashion-MNIST from fastvae.data.
 
-mnist_vae_before.py is plain PyTorch. mnist_vae_after.py is the same script with two lines added,
-`model = fastvae.accelerate(model)` and `from fastvae.functional import vae_loss as loss_function`
-(its own loss_function dropped): fused sampling and a stable loss from logits, same weights.
-Run: python examples/mnist_vae_before.py --epochs 1 --limit 6000 (and the same for _after).
+mnist_vae_before.py is plain PyTorch. mnist_vae_after.py is the same script with one line added,
+`model = fastvae.accelerate(model)`: its own BCE then runs from the decoder's logits (fused,
+stable, allowed under autocast) and its sampling through the fused kernel where that pays; same
+weights, same loss function. Run: python examples/mnist_vae_before.py --epochs 1 --limit 6000
+(and the same for _after).
 """
 import argparse
 

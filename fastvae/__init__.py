@@ -2,7 +2,7 @@
 from . import functional, models, ops, reference
 from . import data
 from ._checks import check_values, value_checks
-from .accelerate import accelerate
+from .dropin import accelerate, fit
 from .apps import interpolate, latent_map, score
 from .backends import backends
 from .iwae import evaluate, iwae_loss
@@ -13,4 +13,4 @@ from .trainer import TrainConfig, Trainer
 __version__ = "0.1.0"
 
 __all__ = ["TrainConfig", "Trainer", "VAE", "MLPDecoder", "MLPEncoder", "train", "backends", "functional", "models", "reference", "value_checks", "check_values", "__version__",
-           "accelerate", "evaluate", "interpolate", "iwae_loss", "latent_map", "score"]
+           "accelerate", "fit", "evaluate", "interpolate", "iwae_loss", "latent_map", "score"]

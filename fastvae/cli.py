@@ -258,6 +258,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def info() -> dict:
     from . import __version__, backends
+    from .dropin import routing as dropin_routing
 
     try:
         import triton
@@ -269,7 +270,8 @@ def info() -> dict:
     report = backends()
     routing = [f"{op} {b}: {rule}" for op, r in report.items() for b, rule in r["routing"].items()]  # where "auto" still picks torch
     return {"fastvae": __version__, "python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
-            "cuda": torch.version.cuda, "gpus": gpus, "cpu_threads": torch.get_num_threads(), "backends": report, "routing": routing}
+            "cuda": torch.version.cuda, "gpus": gpus, "cpu_threads": torch.get_num_threads(), "backends": report, "routing": routing,
+            "dropin": dropin_routing.describe()}
 
 
 if __name__ == "__main__":

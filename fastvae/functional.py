@@ -1,6 +1,7 @@
 """The fused ops as functions; each takes ``backend=None|"auto"|"torch"|"triton"|"cpp"|"cuda"``."""
 from .ops.decode import decode_latents
-from .ops.loss import LossTerms, bce_kl_loss, loss_terms, mse_kl_loss, vae_loss
+from .dropin.loss import vae_loss
+from .ops.loss import LossTerms, bce_kl_loss, loss_terms, mse_kl_loss
 from .ops.reparam import kl_divergence, reparameterize, reparameterize_kl
 
 __all__ = [

@@ -235,27 +235,3 @@ def mse_kl_loss(out, x, mu, logvar, *, beta: float = 1.0, reduction: str = "sum"
     """sum((out - x)^2) + beta * KL: the Gaussian likelihood for data not in [0, 1]."""
     return loss_terms(out, x, mu, logvar, beta=beta, reduction=reduction, likelihood="gaussian", backend=backend).loss
 
-
-def vae_loss(x_hat: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
-    """Drop-in for the reference loss: binary_cross_entropy(x_hat, x, reduction='sum') + beta * KLD.
-
-    Takes probabilities, keeps torch's clamp of each log at -100 for parity, and flattens
-    image-shaped x as the reference's ``x.view(-1, 784)`` does. When x_hat comes from a model
-    passed through ``fastvae.accelerate`` it carries its logits: the loss is then the fused,
-    unclamped ``bce_kl_loss`` from them (equal except where a probability saturates to 0 or 1).
-    """
-    _checks.floating("x_hat", x_hat)
-    _checks.latent_pair(mu, logvar)
-    logits = getattr(x_hat, "_fastvae_logits", None)
-    if logits is not None:
-        return bce_kl_loss(logits.reshape(mu.shape[0], -1), x, mu, logvar, beta=beta)
-    _checks.latent_values(mu, logvar)
-    beta = _checks.beta(beta)
-    if x.numel() != x_hat.numel():
-        raise ValueError(f"x must have as many elements as x_hat {tuple(x_hat.shape)}, got {tuple(x.shape)}")
-    target = target_values(x, x_hat).to(x_hat.dtype).reshape(x_hat.shape)
-    if _checks.values_checked() and bool(((target < 0) | (target > 1)).any()):
-        raise ValueError("x (targets) must lie in [0, 1] for binary cross-entropy; scale the data to [0, 1]")
-    bce = F.binary_cross_entropy(x_hat, target, reduction="sum")
-    kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
-    return bce + beta * kld
