@@ -7,8 +7,11 @@ GPU launch configuration, records every launch (kernels/_common.py `launch`), sp
 arguments with Triton's own binder (tt.divisibility 16 on pointers and on integers that are
 multiples of 16, as a real launch), compiles each distinct kernel down to a cubin and reads
 registers and spills from ptxas -v. It fails when shared memory exceeds the architecture's
-limit, when any kernel spills registers (the memory-bound ones would lose their bandwidth,
-decode its tiles), or when the reparam kernels call Philox more than once per 4 outputs.
+limit, when any kernel spills registers on a path that runs (the memory-bound ones would
+lose their bandwidth, decode its tiles; libdevice sin/cos's huge-argument branch, never taken
+by the Box-Muller angle 2 pi u < 6.3, keeps a local array that ptxas counts as spills in a
+few variants: reported apart), when a kernel with value checks has other than one atomic (the flag OR,
+once per program), or when the reparam kernels call Philox more than once per 4 outputs.
 
     env -u TRITON_INTERPRET python .ci/check_triton_compile.py [--quick] [--jobs N] [--markdown]
 
@@ -56,6 +59,7 @@ def meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 
 def _reparam(B: int, L: int, k: int, dt: torch.dtype, training_only: bool) -> None:
+    """training_only: what a training step launches (device seed, checks on, no reparam KL); else every variant."""
     mu, lv = meta(B, L, dtype=dt), meta(B, L, dtype=dt)
     flags, seed = meta(1, dtype=torch.int32), meta(dtype=torch.int64)
     for need_kl in (False,) if training_only else (False, True):  # training: the loss computes the KL
@@ -116,29 +120,32 @@ LATENTS = (1, 2, 3, 5, 8, 16, 20, 32, 33, 64, 100, 128, 200, 256)
 
 
 def workload(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
-    """(label, a call of the wrappers on meta tensors) for every shape the check covers."""
+    """(label, a call of the wrappers on meta tensors) for every shape the check covers.
+
+    The reference and benchmark shapes launch every variant (checks on/off, int/device seed,
+    KL or not, ...); the latent sweeps (1..256) and odd shapes the training-step variants.
+    --quick: the reference and benchmark shapes, float32 and bfloat16, training variants."""
     dtypes = ("fp32", "bf16") if quick else ("fp32", "bf16", "fp16", "fp64")
     for name in dtypes:
         dt = DTYPES[name]
-        rep = [(128, 20, 1), (65536, 20, 1), (65536, 256, 1), (128, 20, 5)]
-        los = [(128, 784, 20), (65536, 784, 20), (4096, 12288, 256)]
+        rep = [(128, 20, 1, quick), (65536, 20, 1, quick), (65536, 256, 1, quick), (128, 20, 5, quick)]
+        los = [(128, 784, 20, quick), (65536, 784, 20, quick), (4096, 12288, 256, quick)]
+        dec = [(128, 20, (400,), 784, quick), (65536, 20, (400,), 784, quick), (4096, 256, (1024,), 12288, quick)]
         if not quick:
-            rep += [(4096, L, 1) for L in LATENTS] + [(4099, 33, 2), (1, 1, 1)]
-            los += [(128, 784, L) for L in LATENTS] + [(1, 1, 1), (1031, 12288, 20)]
-        for B, L, k in rep:
-            yield f"reparam {B}x{L} k={k} {name}", lambda B=B, L=L, k=k, dt=dt: _reparam(B, L, k, dt, quick)
-        for B, D, L in los:
-            yield f"loss {B}x{D}x{L} {name}", lambda B=B, D=D, L=L, dt=dt: _loss(B, D, L, dt, quick)
+            rep += [(4096, L, 1, True) for L in LATENTS] + [(4099, 33, 2, True), (1, 1, 1, True)]
+            los += [(128, 784, L, True) for L in LATENTS] + [(1, 1, 1, True), (1031, 12288, 20, True)]
+            dec += [(4096, K, (400,), 784, True) for K in LATENTS] + [(4096, 20, (256, 128), 784, True), (4096, 256, (512, 256), 12288, True)]
+        for B, L, k, training in rep:
+            yield f"reparam {B}x{L} k={k} {name}", lambda B=B, L=L, k=k, dt=dt, t=training: _reparam(B, L, k, dt, t)
+        for B, D, L, training in los:
+            yield f"loss {B}x{D}x{L} {name}", lambda B=B, D=D, L=L, dt=dt, t=training: _loss(B, D, L, dt, t)
         if name == "fp64":
             continue  # decode's matmuls take float32/bfloat16/float16 weights
-        dec = [(128, 20, (400,), 784), (65536, 20, (400,), 784), (4096, 256, (1024,), 12288)]
-        if not quick:
-            dec += [(4096, K, (400,), 784) for K in LATENTS] + [(4096, 20, (256, 128), 784), (4096, 256, (512, 256), 12288)]
         for out_name in ("fp32", "u8") if not quick else ("u8",):
             out_dt = torch.uint8 if out_name == "u8" else torch.float32
-            for M, K, hidden, N in dec:
+            for M, K, hidden, N, training in dec:
                 yield f"decode {M}x{K}x{'x'.join(map(str, hidden))}x{N} {name}->{out_name}", \
-                    lambda M=M, K=K, hidden=hidden, N=N, dt=dt, out_dt=out_dt: _decode(M, K, hidden, N, dt, out_dt, quick)
+                    lambda M=M, K=K, hidden=hidden, N=N, dt=dt, out_dt=out_dt, t=training: _decode(M, K, hidden, N, dt, out_dt, t)
 
 
 @contextlib.contextmanager
@@ -203,6 +210,16 @@ def jobs(quick: bool) -> list[Job]:
     return list(unique.values())
 
 
+TRIG_SLOW = re.compile(r"setp\.ltu\.f32\s+(%p\d+),\s*%r\d+,\s*0f47CE4780;")  # libdevice sinf/cosf: |x| < 105615?
+
+
+def without_trig_slow_path(ptx: str) -> str:
+    """The PTX with libdevice sin/cos's huge-argument branch (|x| >= 105615, Payne-Hanek reduction
+    through a local-memory array) made dead: the Box-Muller angle is 2 pi u < 6.3, so only the
+    fast path ever runs; ptxas counts that array as spills in some variants."""
+    return TRIG_SLOW.sub(lambda m: f"setp.ltu.f32 {m.group(1)}, 0f00000000, 0f47CE4780;", ptx)
+
+
 def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     """(registers, spill store bytes, spill load bytes) from ptxas -v."""
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
@@ -220,11 +237,26 @@ def run_job(job: Job) -> dict:
     module, name = job.kernel.rsplit(".", 1)
     kernel = getattr(sys.modules[module], name)
     started = time.perf_counter()
-    compiled = compile(ASTSource(kernel, job.signature, job.constexprs, job.attrs), target=GPUTarget("cuda", job.arch, 32), options=job.options)
+    try:
+        compiled = compile(ASTSource(kernel, job.signature, job.constexprs, job.attrs), target=GPUTarget("cuda", job.arch, 32), options=job.options)
+    except Exception as exc:  # noqa: BLE001 - reported as a failure of this configuration
+        return dict(error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1]}", regs=-1, spill_st=0, spill_ld=0, cold=0, smem=0, philox=0,
+                    atomics=0, seconds=time.perf_counter() - started)
     ptx = compiled.asm["ptx"]
     regs, spill_st, spill_ld = ptxas_usage(ptx, job.arch)
-    return dict(regs=regs, spill_st=spill_st, spill_ld=spill_ld, smem=compiled.metadata.shared, philox=len(re.findall(r"\bsqrt\.", ptx)) / 2,
+    cold = 0
+    if (spill_st or spill_ld) and TRIG_SLOW.search(ptx):  # spills on paths that run, and those only in the dead one
+        regs, hot_st, hot_ld = ptxas_usage(without_trig_slow_path(ptx), job.arch)
+        cold, spill_st, spill_ld = spill_st + spill_ld - hot_st - hot_ld, hot_st, hot_ld
+    return dict(regs=regs, spill_st=spill_st, spill_ld=spill_ld, cold=cold, smem=compiled.metadata.shared, philox=len(re.findall(r"\bsqrt\.", ptx)) / 2,
+                atomics=len(re.findall(r"\batom\.", ptx)),
                 seconds=time.perf_counter() - started)
+
+
+def _constexprs(job: Job) -> dict:
+    module, name = job.kernel.rsplit(".", 1)
+    names = getattr(sys.modules[module], name).arg_names
+    return {names[p[0]]: v for p, v in job.constexprs.items() if len(p) == 1}
 
 
 def philox_per_output(job: Job, philox: float) -> tuple[float, float] | None:
@@ -235,8 +267,7 @@ def philox_per_output(job: Job, philox: float) -> tuple[float, float] | None:
     2 per 4 when the samples' flat ranges do not start on a counter (k > 1, B * L % 4 != 0)."""
     if not job.kernel.endswith(("reparam._forward", "reparam._backward")):
         return None
-    names = getattr(sys.modules["fastvae.kernels.reparam"], job.kernel.rsplit(".", 1)[1]).arg_names
-    consts = {names[p[0]]: v for p, v in job.constexprs.items()}
+    consts = _constexprs(job)
     outputs_per_thread = 4 * consts["BLOCK_G"] / (32 * job.options["num_warps"])
     return philox / outputs_per_thread, 0.25 if consts["ALIGNED"] else 0.5
 
@@ -257,13 +288,21 @@ def main() -> None:
     print(f"{'kernel':22s} {'arch':5s} {'regs':>4s} {'spill':>9s} {'smem':>7s} {'philox/out':>10s}  config  [shapes]")
     for job, res in sorted(zip(todo, results), key=lambda jr: (jr[0].kernel, jr[0].arch, jr[0].config)):
         name = job.kernel.rsplit(".", 2)[-2] + "." + job.kernel.rsplit(".", 1)[1]
+        if "error" in res:
+            print(f"{name:22s} sm_{job.arch} does not compile: {res['error']}  {job.config}  [{'; '.join(job.shapes[:3])}]")
+            failures.append(f"{name} sm_{job.arch} {job.config}: {res['error']}")
+            continue
         ppo = philox_per_output(job, res["philox"])
         print(f"{name:22s} sm_{job.arch} {res['regs']:4d} {res['spill_st']:4d}/{res['spill_ld']:<4d} {res['smem']:7d} "
-              f"{'' if ppo is None else f'{ppo[0]:.2f}':>10s}  {job.config}  [{'; '.join(job.shapes[:3])}{' ...' if len(job.shapes) > 3 else ''}]")
+              f"{'' if ppo is None else f'{ppo[0]:.2f}':>10s}  {job.config}  [{'; '.join(job.shapes[:3])}{' ...' if len(job.shapes) > 3 else ''}]"
+              + (f"  (+{res['cold']} B spilled in sin/cos's never-taken huge-argument path)" if res["cold"] else ""))
         if res["smem"] > SMEM_LIMIT[job.arch]:
             failures.append(f"{name} sm_{job.arch} {job.config}: {res['smem']} B of shared memory > {SMEM_LIMIT[job.arch]}")
         if res["spill_st"] or res["spill_ld"]:
             failures.append(f"{name} sm_{job.arch} {job.config}: spills {res['spill_st']}/{res['spill_ld']} B")
+        check = _constexprs(job).get("CHECK")
+        if check is not None and res["atomics"] != int(check):
+            failures.append(f"{name} sm_{job.arch} {job.config}: {res['atomics']} atomics in the PTX (value checks: one per program)")
         if ppo is not None and ppo[0] > ppo[1]:
             failures.append(f"{name} sm_{job.arch} {job.config}: {ppo[0]:.2f} Philox calls per output (at most {ppo[1]})")
     if opts.markdown:
@@ -282,6 +321,8 @@ def markdown(todo: list[Job], results: list[dict]) -> str:
     for (name, arch), items in sorted(rows.items()):
         regs = [r["regs"] for _, r in items]
         spills = max(r["spill_st"] + r["spill_ld"] for _, r in items)
+        cold = max(r["cold"] for _, r in items)
+        spills = f"{spills} (+{cold} in sin/cos's dead path)" if cold else spills
         smem = max(r["smem"] for _, r in items)
         lines.append(f"| {name} | sm_{arch} | {len(items)} | {min(regs)}-{max(regs)} | {spills} | {smem / 1024:.1f} KB ({SMEM_LIMIT[arch] // 1024} KB) |")
     return "\n".join(lines)

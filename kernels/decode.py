@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, Config, acc_dtype, interleave4, launch, load_seed, normals4, pow2, seed_args
+from ._common import INTERPRETED, Config, acc_dtype, interleave4, launch, load_seed, normals4, seed_args
 
 MAX_FUSED_LATENT = 256  # the one-kernel path recomputes the hidden layer per output tile: worth it for small latents
 
@@ -127,14 +127,15 @@ def mlp2_config(M: int, K: int, H: int, N: int, dtype: torch.dtype, precision: s
     """Blocks of the one-kernel two-layer decoder for `dtype` weights and tl.dot `precision`.
 
     GPU: 64-row output tiles, the hidden layer 32 units and the latent 16 at a time (so any
-    latent size up to MAX_FUSED_LATENT fits), 8 warps, 2 stages: 64 x 128 tiles on tensor
-    cores (tf32); 64 x 64 for IEEE float32, which runs on the FMA units with more registers
-    per output (64 x 128 spills on sm_80; .ci/check_triton_compile.py).
+    latent size up to MAX_FUSED_LATENT fits), 8 warps: 64 x 128 tiles on tensor cores (tf32,
+    2 stages); 64 x 64 tiles, 1 stage for IEEE float32, which runs on the FMA units with more
+    registers per output (larger tiles or 2 stages spill on sm_80; .ci/check_triton_compile.py).
     """
     if interpreted:
         return Config(dict(BLOCK_M=128, BLOCK_N=_dot(N, 256), BLOCK_K=_dot(K, 256), BLOCK_H=_dot(H, 128)))
-    return Config(dict(BLOCK_M=64, BLOCK_N=_dot(N, 128 if precision == "tf32" else 64), BLOCK_K=_dot(K, 16), BLOCK_H=_dot(H, 32)),
-                  num_warps=8, num_stages=2)
+    if precision == "tf32":
+        return Config(dict(BLOCK_M=64, BLOCK_N=_dot(N, 128), BLOCK_K=_dot(K, 16), BLOCK_H=_dot(H, 32)), num_warps=8, num_stages=2)
+    return Config(dict(BLOCK_M=64, BLOCK_N=_dot(N, 64), BLOCK_K=_dot(K, 16), BLOCK_H=_dot(H, 32)), num_warps=8, num_stages=1)
 
 
 def linear_config(M: int, K: int, N: int, dtype: torch.dtype, precision: str, interpreted: bool = INTERPRETED) -> Config:
@@ -155,10 +156,6 @@ def normals_config(n: int, interpreted: bool = INTERPRETED) -> Config:
 def image_config(n: int, interpreted: bool = INTERPRETED) -> Config:
     """Blocks of the image tail: 1024 elements per program (8 per thread), 4 warps."""
     return Config(dict(BLOCK=1 << 20 if interpreted else 1024), num_warps=4)
-
-
-def _override(cfg: Config, **blocks: int | None) -> Config:
-    return cfg._replace(blocks=dict(cfg.blocks, **{k: pow2(v, k) for k, v in blocks.items() if v is not None}))
 
 
 def draw_prior(seed: int | torch.Tensor, start: int, rows: int, latent: int, device: torch.device) -> torch.Tensor:
@@ -195,7 +192,7 @@ def decode_mlp(layers: list[tuple[torch.Tensor, torch.Tensor]], z: torch.Tensor 
             raise ValueError(f"fuse=True needs exactly one hidden layer, got {len(layers)} layers")
         (w1, b1), (w2, b2) = params
         H = w1.shape[0]
-        cfg = _override(mlp2_config(M, K, H, N, w1.dtype, prec), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_k, BLOCK_K=block_k)
+        cfg = mlp2_config(M, K, H, N, w1.dtype, prec).override(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_k, BLOCK_K=block_k)
         grid = (triton.cdiv(M, cfg.blocks["BLOCK_M"]), triton.cdiv(N, cfg.blocks["BLOCK_N"]))
         launch(_mlp2, grid, zc, w1, b1, w2, b2, target, M, K, H, N, config=cfg, U8=u8, PRECISION=prec)
     else:
@@ -204,7 +201,7 @@ def decode_mlp(layers: list[tuple[torch.Tensor, torch.Tensor]], z: torch.Tensor 
             last = i == len(params) - 1
             n_out, k_in = w.shape
             dst = target if last else torch.empty(M, n_out, dtype=torch.float32, device=out.device)
-            cfg = _override(linear_config(M, k_in, n_out, w.dtype, prec), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+            cfg = linear_config(M, k_in, n_out, w.dtype, prec).override(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
             grid = (triton.cdiv(M, cfg.blocks["BLOCK_M"]), triton.cdiv(n_out, cfg.blocks["BLOCK_N"]))
             launch(_linear, grid, h, w, b, dst, M, k_in, n_out, config=cfg, SIGMOID=last, U8=u8 and last, PRECISION=prec)
             h = dst
@@ -218,7 +215,7 @@ def to_image(values: torch.Tensor, out: torch.Tensor, from_logits: bool, *, bloc
     if n == 0:
         return
     target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
-    cfg = _override(image_config(n), BLOCK=block)
+    cfg = image_config(n).override(BLOCK=block)
     launch(_to_image, (triton.cdiv(n, cfg.blocks["BLOCK"]),), values.contiguous(), target, n, config=cfg, FROM_LOGITS=from_logits,
            U8=out.dtype == torch.uint8, ACC=acc_dtype(values))
     if target is not out:

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, Config, acc_dtype, latent_flags, launch, nonfinite, or_all, pow2, report
+from ._common import INTERPRETED, Config, acc_dtype, latent_flags, launch, nonfinite, or_all, report
 
 _LOGITS_NONFINITE = tl.constexpr(1)
 _X_NONFINITE = tl.constexpr(2)
@@ -157,7 +157,8 @@ def config(B: int, D: int, L: int, dtype: torch.dtype, interpreted: bool = INTER
         cols = min(triton.next_power_of_2(D), 4096)
         return Config(dict(BLOCK_R=min(triton.next_power_of_2(B), (1 << 17) // max(cols, latent)), BLOCK_D=cols, BLOCK_L=latent))
     cols = _columns(D)
-    return Config(dict(BLOCK_R=max(1, 512 // cols), BLOCK_D=cols, BLOCK_L=latent), num_warps=4)
+    rows = max(1, 512 // cols)
+    return Config(dict(BLOCK_R=rows, BLOCK_D=cols, BLOCK_L=min(latent, max(16, 512 // rows))), num_warps=4)
 
 
 def loss_forward(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float | torch.Tensor, likelihood: str,
@@ -174,11 +175,7 @@ def loss_forward(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar
     recon = torch.empty(B, dtype=_rows_dtype(logits), device=logits.device)
     kl = torch.empty(B, dtype=_rows_dtype(mu), device=logits.device)
     grads = (torch.empty_like(logits), torch.empty_like(mu), torch.empty_like(logvar)) if need_grad else (logits, mu, logvar)
-    cfg = config(B, D, L, logits.dtype)
-    if block_rows is not None or block_cols is not None:
-        blocks = dict(cfg.blocks, BLOCK_R=pow2(block_rows or cfg.blocks["BLOCK_R"], "block_rows"),
-                      BLOCK_D=pow2(block_cols or cfg.blocks["BLOCK_D"], "block_cols"))
-        cfg = cfg._replace(blocks=blocks)
+    cfg = config(B, D, L, logits.dtype).override(BLOCK_R=block_rows, BLOCK_D=block_cols)
     beta_is_ptr = isinstance(beta, torch.Tensor)
     beta_hi, beta_lo = (0.0, 0.0) if beta_is_ptr else _split(beta)
     launch(_loss, (triton.cdiv(B, cfg.blocks["BLOCK_R"]),), logits, x, mu, logvar, recon, kl, *grads,
@@ -200,6 +197,7 @@ def scale_config(dtype: torch.dtype, interpreted: bool = INTERPRETED) -> Config:
 
 
 def scale_rows_config(C: int, dtype: torch.dtype, interpreted: bool = INTERPRETED) -> Config:
+    """Blocks of the per-row scaling of a (B, C) gradient: [rows, <= 512 columns] tiles of 1024 elements, 4 warps."""
     cols = min(triton.next_power_of_2(C), 4096 if interpreted else 512)
     return Config(dict(BLOCK_R=max(1, (1 << 16 if interpreted else 1024) // cols), BLOCK_C=cols), num_warps=4)
 
@@ -210,19 +208,20 @@ def scale_grads(grad_out: torch.Tensor, grads: list[torch.Tensor], *, block: int
     live = [t for t in grads if t.numel()]
     if not live:
         return
-    acc = tl.float64 if grad_out.dtype == torch.float64 else tl.float32
+
+    def acc(*tensors: torch.Tensor) -> tl.dtype:
+        return acc_dtype(max((grad_out, *tensors), key=lambda t: t.dtype.itemsize))
+
     if grad_out.dim() == 0:
-        cfg = scale_config(live[0].dtype)
-        if block is not None:
-            cfg = cfg._replace(blocks=dict(BLOCK=pow2(block)))
+        cfg = scale_config(live[0].dtype).override(BLOCK=block)
         for i in range(0, len(live), 3):
             group = live[i:i + 3]
             n = max(t.numel() for t in group)
             args = [a for t in group for a in (t, t.numel())] + [group[0], 0] * (3 - len(group))
-            launch(_scale, (_programs(n, cfg.blocks["BLOCK"], grad_out.device),), grad_out, *args, config=cfg, ACC=acc)
+            launch(_scale, (_programs(n, cfg.blocks["BLOCK"], grad_out.device),), grad_out, *args, config=cfg, ACC=acc(*group))
         return
     for t in live:
         B = t.shape[0]
         C = t.numel() // B
         cfg = scale_rows_config(C, t.dtype)
-        launch(_scale_rows, (_programs(B, cfg.blocks["BLOCK_R"], grad_out.device),), grad_out, t, B, C, config=cfg, ACC=acc)
+        launch(_scale_rows, (_programs(B, cfg.blocks["BLOCK_R"], grad_out.device),), grad_out, t, B, C, config=cfg, ACC=acc(t))

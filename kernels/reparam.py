@@ -3,11 +3,11 @@
 Each program owns BLOCK_R rows of (mu, logvar), i.e. the flat range m in [r0 * L, r1 * L) of
 every sample. It walks that range in groups of four consecutive elements, so one Philox call
 and two sin/cos pairs give the four normals of a group (element i of z = (s, b, l) flattened is
-lane i % 4 of the counter i // 4, ``fastvae.ops.philox``'s stream), and reads and writes four
-contiguous elements per thread. When asked it also reduces the rows' KL and checks mu / logvar
-(value-check flags) in a row-major pass over the same rows, reading what the first pass brings
-into cache. eps is never stored: the backward regenerates it from (seed, index), exact whatever
-z's dtype, and does not read z.
+lane i % 4 of the counter i // 4, ``fastvae.ops.philox``'s stream), each thread reading and
+writing runs of 4-8 contiguous elements (vector loads and stores). The value checks (flag bits
+for mu and logvar) test the values read there; when asked, a row-major pass over the same rows
+(in cache by then) reduces the per-row KL. eps is never stored: the backward regenerates it
+from (seed, index), exact whatever z's dtype, and does not read z.
 """
 from __future__ import annotations
 
@@ -15,29 +15,29 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Config, INTERPRETED, acc_dtype, interleave4, latent_flags, launch, load_seed, normals4, or_all, pow2, report, seed_args
+from ._common import Config, INTERPRETED, acc_dtype, interleave4, latent_flags, launch, load_seed, normals4, or_all, report, seed_args
 
 tensor_seed = True  # the kernels read a 0-dim int64 device `seed` (CUDA graphs draw a new one per replay)
 
 
 @triton.jit
 def _lane(a0, a1, a2, a3, b0, b1, b2, b3, t):
-    """Lane t (1 <= t <= 6) of the 8 normals of counters q (a) and q + 1 (b)."""
-    return tl.where(t == 1, a1, tl.where(t == 2, a2, tl.where(t == 3, a3, tl.where(t == 4, b0, tl.where(t == 5, b1, b2)))))
+    """Lane t (0 <= t <= 6) of the 8 normals of counters q (a) and q + 1 (b)."""
+    return tl.where(t == 0, a0, tl.where(t == 1, a1, tl.where(t == 2, a2, tl.where(t == 3, a3, tl.where(t == 4, b0, tl.where(t == 5, b1, b2))))))
 
 
 @triton.jit
 def _eps(key, base, g, ALIGNED: tl.constexpr):
     """eps at flat indices base + 4 g + j (j = 0..3), interleaved to [4 G]: one Philox call per
-    group when base % 4 == 0 (ALIGNED: one sample, or B * L % 4 == 0), else up to two."""
+    group when every sample starts on a counter (ALIGNED: one sample, or B * L % 4 == 0),
+    else two, counters q and q + 1, for every group (the rare variant stays branch-free)."""
     q = (base >> 2) + g
     e0, e1, e2, e3 = normals4(key, q)
     if not ALIGNED:
-        o = base & 3
-        if o != 0:  # the group straddles counters q and q + 1
-            f0, f1, f2, f3 = normals4(key, q + 1)
-            e0, e1, e2, e3 = (_lane(e0, e1, e2, e3, f0, f1, f2, f3, o), _lane(e0, e1, e2, e3, f0, f1, f2, f3, o + 1),
-                              _lane(e0, e1, e2, e3, f0, f1, f2, f3, o + 2), _lane(e0, e1, e2, e3, f0, f1, f2, f3, o + 3))
+        o = base & 3  # the group straddles counters q and q + 1 (o != 0) or not
+        f0, f1, f2, f3 = normals4(key, q + 1)
+        e0, e1, e2, e3 = (_lane(e0, e1, e2, e3, f0, f1, f2, f3, o), _lane(e0, e1, e2, e3, f0, f1, f2, f3, o + 1),
+                          _lane(e0, e1, e2, e3, f0, f1, f2, f3, o + 2), _lane(e0, e1, e2, e3, f0, f1, f2, f3, o + 3))
     return interleave4(e0, e1, e2, e3)
 
 
@@ -49,7 +49,7 @@ def _forward(mu_ptr, lv_ptr, z_ptr, kl_ptr, flags_ptr, seed_ptr, seed: tl.int64,
     r0 = tl.program_id(0) * BLOCK_R
     m_lo = r0.to(tl.int64) * L
     m_hi = tl.minimum(r0 + BLOCK_R, B).to(tl.int64) * L
-    BL = B.to(tl.int64) * L
+    BL = tl.cast(B, tl.int64) * L
     bad = tl.zeros([4 * BLOCK_G], tl.int32)
     for g0 in range(m_lo >> 2, (m_hi + 3) >> 2, BLOCK_G):
         g = g0 + tl.arange(0, BLOCK_G)
@@ -88,7 +88,7 @@ def _backward(gz_ptr, gkl_ptr, mu_ptr, lv_ptr, gmu_ptr, glv_ptr, seed_ptr, seed:
     r0 = tl.program_id(0) * BLOCK_R
     m_lo = r0.to(tl.int64) * L
     m_hi = tl.minimum(r0 + BLOCK_R, B).to(tl.int64) * L
-    BL = B.to(tl.int64) * L
+    BL = tl.cast(B, tl.int64) * L
     for g0 in range(m_lo >> 2, (m_hi + 3) >> 2, BLOCK_G):
         g = g0 + tl.arange(0, BLOCK_G)
         m = 4 * g0 + tl.arange(0, 4 * BLOCK_G)
@@ -114,38 +114,29 @@ def _backward(gz_ptr, gkl_ptr, mu_ptr, lv_ptr, gmu_ptr, glv_ptr, seed_ptr, seed:
 def config(B: int, L: int, dtype: torch.dtype, interpreted: bool = INTERPRETED) -> Config:
     """Blocks of both kernels for (B, L) latents of `dtype`.
 
-    GPU: BLOCK_R rows per program (a multiple of 4, so sample 0's groups of 4 never straddle
-    programs), about 2048 latent elements, fewer while that leaves under two programs per SM
-    (132 SMs); BLOCK_G <= 256 groups per step (see below) and at least 1 per thread (a smaller
-    block would replicate the Philox calls across threads); the KL pass
-    (need_kl) reads [BLOCK_R, BLOCK_L] tiles of at most 1024 elements.
-    Interpreter: one or a few large programs (each instance costs ~6 ms).
+    GPU: BLOCK_R rows per program, a power of two >= 4 (sample 0's groups of 4 never straddle
+    two programs), about 2048 latent elements, fewer (down to 128) while that leaves under two
+    programs per SM (132 SMs). BLOCK_G groups of 4 per loop step: 8 elements per thread (two
+    16-byte vectors) for 4- and 8-byte types, 4 for 2-byte ones (whose 16-byte loads would be
+    re-laid out through shared memory to meet eps' layout); at least one group per thread,
+    since a smaller block would repeat Philox calls across threads. The KL pass (need_kl) reads
+    tiles of at most 1024 elements. Interpreter: a few large programs (~6 ms per instance).
     """
     if interpreted:
         cols = min(triton.next_power_of_2(L), 4096)
         rows = min(triton.next_power_of_2(B), max(4, (1 << 16) // cols))
         return Config(dict(BLOCK_R=rows, BLOCK_L=cols, BLOCK_G=min(1 << 14, triton.next_power_of_2(triton.cdiv(rows * L, 4)))))
-    rows = max(4, 2048 // triton.next_power_of_2(L))
-    rows = min(rows, max(4, 1 << max(0, (B // 264).bit_length() - 1)))  # >= 264 programs (2 per SM) when B allows
-    # 8 elements per thread (two 16-byte vectors) for 4- and 8-byte types; 4 for 2-byte ones, whose
-    # 16-byte loads would otherwise be re-laid out through shared memory to meet eps' layout
-    groups = min(256 if dtype.itemsize >= 4 else 128, triton.next_power_of_2(triton.cdiv(rows * L, 4)))
+    per_thread = 8 if dtype.itemsize >= 4 else 4
+    elements = min(2048, max(128, B * L // 264))
+    rows = max(4, 1 << (max(1, elements // L).bit_length() - 1))
+    groups = max(32, min(32 * per_thread, triton.next_power_of_2(triton.cdiv(rows * L, 4))))
     cols = min(triton.next_power_of_2(L), max(16, 1024 // rows))
-    return Config(dict(BLOCK_R=rows, BLOCK_L=cols, BLOCK_G=groups), num_warps=max(1, min(4, groups // 32)))
+    return Config(dict(BLOCK_R=rows, BLOCK_L=cols, BLOCK_G=groups), num_warps=max(1, min(4, groups * 4 // (32 * per_thread))))
 
 
 def _aligned(B: int, L: int, k: int) -> bool:
     """Every sample's flat range starts on a Philox counter (a group of 4)."""
     return k == 1 or (B * L) % 4 == 0
-
-
-def _config(B: int, L: int, dtype: torch.dtype, block_rows: int | None, block_cols: int | None, block_groups: int | None) -> Config:
-    cfg = config(B, L, dtype)
-    blocks = dict(cfg.blocks)
-    for name, value in (("BLOCK_R", block_rows), ("BLOCK_L", block_cols), ("BLOCK_G", block_groups)):
-        if value is not None:
-            blocks[name] = pow2(value, name)
-    return cfg._replace(blocks=blocks)
 
 
 def reparam_forward(mu: torch.Tensor, logvar: torch.Tensor, seed: int | torch.Tensor, k: int, need_kl: bool = True,
@@ -161,7 +152,7 @@ def reparam_forward(mu: torch.Tensor, logvar: torch.Tensor, seed: int | torch.Te
     kl = torch.empty(B if need_kl else 0, dtype=torch.float64 if mu.dtype == torch.float64 else torch.float32, device=mu.device)
     if B == 0 or L == 0:
         return z, (kl.zero_() if need_kl else None)
-    cfg = _config(B, L, mu.dtype, block_rows, block_cols, block_groups)
+    cfg = config(B, L, mu.dtype).override(BLOCK_R=block_rows, BLOCK_L=block_cols, BLOCK_G=block_groups)
     seed_ptr, seed_val, seed_is_ptr = seed_args(seed, kl if need_kl else z)
     launch(_forward, (triton.cdiv(B, cfg.blocks["BLOCK_R"]),), mu, logvar, z, kl if need_kl else z, flags if flags is not None else z,
            seed_ptr, seed_val, B, L, k, config=cfg, SEED_PTR=seed_is_ptr, NEED_KL=need_kl, CHECK=flags is not None,
@@ -180,8 +171,8 @@ def reparam_backward(grad_z: torch.Tensor, grad_kl: torch.Tensor | None, mu: tor
     grad_mu, grad_logvar = torch.empty_like(mu), torch.empty_like(logvar)
     if B == 0 or L == 0:
         return grad_mu, grad_logvar
-    cfg = _config(B, L, mu.dtype, block_rows, None, block_groups)
-    del cfg.blocks["BLOCK_L"]
+    cfg = config(B, L, mu.dtype).override(BLOCK_R=block_rows, BLOCK_G=block_groups)
+    cfg = cfg._replace(blocks={name: v for name, v in cfg.blocks.items() if name != "BLOCK_L"})  # the backward has no KL pass
     seed_ptr, seed_val, seed_is_ptr = seed_args(seed, grad_mu)
     launch(_backward, (triton.cdiv(B, cfg.blocks["BLOCK_R"]),), grad_z, grad_kl if grad_kl is not None else grad_mu, mu, logvar,
            grad_mu, grad_logvar, seed_ptr, seed_val, B, L, k, config=cfg, SEED_PTR=seed_is_ptr, HAS_GKL=grad_kl is not None,
