@@ -188,7 +188,7 @@ def _describe(kernel: triton.JITFunction, signature: dict, constexprs: dict, opt
     flags = ",".join(f"{k}={getattr(v, 'name', v)}" for k, v in consts.items()
                      if not k.startswith("BLOCK_") and isinstance(v, (bool, str, triton.language.dtype)) and v is not None)
     ptrs = next((t for t in signature.values() if t.startswith("*")), "")
-    return f"{ptrs[1:]} {blocks} w{options['num_warps']}s{options['num_stages']} {flags}"
+    return f"{ptrs[1:]} {blocks} w{options['num_warps']}s{options['num_stages']}r{options.get('maxnreg')} {flags}"
 
 
 def jobs(quick: bool) -> list[Job]:
@@ -226,7 +226,8 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
         f.write(ptx)
         f.flush()
         gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-        res = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull], capture_output=True, text=True, check=True)
+        res = subprocess.run([get_ptxas(arch).path, "-lineinfo", "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull],  # as Triton runs it
+                             capture_output=True, text=True, check=True)
     regs = re.search(r"Used (\d+) registers", res.stderr)
     stores = re.search(r"(\d+) bytes spill stores", res.stderr)
     loads = re.search(r"(\d+) bytes spill loads", res.stderr)
@@ -313,18 +314,19 @@ def main() -> None:
 
 
 def markdown(todo: list[Job], results: list[dict]) -> str:
-    """README summary: per kernel and architecture, configurations and the worst registers / spills / shared memory."""
-    rows: dict[tuple[str, int], list] = {}
+    """README summary: per kernel, the configurations compiled and the worst registers / spills /
+    shared memory on sm_80 and sm_90."""
+    rows: dict[str, dict[int, list[dict]]] = {}
     for job, res in zip(todo, results):
-        rows.setdefault((job.kernel.rsplit(".", 2)[-2] + "." + job.kernel.rsplit(".", 1)[1], job.arch), []).append((job, res))
-    lines = ["| kernel | arch | configs | registers | spills (B) | shared memory max (limit) |", "| --- | --- | --- | --- | --- | --- |"]
-    for (name, arch), items in sorted(rows.items()):
-        regs = [r["regs"] for _, r in items]
-        spills = max(r["spill_st"] + r["spill_ld"] for _, r in items)
-        cold = max(r["cold"] for _, r in items)
-        spills = f"{spills} (+{cold} in sin/cos's dead path)" if cold else spills
-        smem = max(r["smem"] for _, r in items)
-        lines.append(f"| {name} | sm_{arch} | {len(items)} | {min(regs)}-{max(regs)} | {spills} | {smem / 1024:.1f} KB ({SMEM_LIMIT[arch] // 1024} KB) |")
+        rows.setdefault(job.kernel.rsplit(".", 2)[-2] + "." + job.kernel.rsplit(".", 1)[1], {}).setdefault(job.arch, []).append(res)
+    lines = ["| kernel | configs | registers sm_80 / sm_90 | spills (B) | shared memory max sm_80 / sm_90 (limits 163 / 227 KB) |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, archs in sorted(rows.items()):
+        regs = " / ".join(f"{min(r['regs'] for r in archs[a])}-{max(r['regs'] for r in archs[a])}" for a in ARCHS)
+        spills = max(r["spill_st"] + r["spill_ld"] for a in ARCHS for r in archs[a])
+        cold = max(r["cold"] for a in ARCHS for r in archs[a])
+        smem = " / ".join(f"{max(r['smem'] for r in archs[a]) / 1024:.1f} KB" for a in ARCHS)
+        lines.append(f"| `{name}` | {len(archs[ARCHS[0]])} | {regs} | {spills}{f' (+{cold} in sin/cos dead path)' if cold else ''} | {smem} |")
     return "\n".join(lines)
 
 

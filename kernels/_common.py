@@ -23,11 +23,17 @@ MAX_LOGVAR = 88.0  # exp(88.7) is float32's largest finite value
 
 
 class Config(NamedTuple):
-    """What a wrapper launches: the block-size constexprs and the compile options."""
+    """What a wrapper launches: the block-size constexprs and the compile options.
+
+    maxnreg: ptxas's register cap, which sets the occupancy. Without one, ptxas 12.8 (Triton
+    3.6's) aims some kernels at a count of its own (32, 80) and spills a few bytes to reach it;
+    with one it allocates up to the cap without spilling (.ci/check_triton_compile.py compiles
+    with both Triton versions' ptxas)."""
 
     blocks: dict[str, int]
     num_warps: int = 4
     num_stages: int = 1
+    maxnreg: int = 128
 
     def override(self, **blocks: int | None) -> Config:
         """These block sizes instead of the defaults (tests pin them); None keeps the default."""
@@ -48,7 +54,7 @@ _recorder: list | None = None  # .ci/check_triton_compile.py: launches are recor
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, config: Config, **constexprs: Any) -> None:
     """The one place the wrappers launch a kernel, so that .ci/check_triton_compile.py can record
     each launch (arguments, constexprs, options) and compile exactly that for a GPU."""
-    kwargs = dict(constexprs, **config.blocks, num_warps=config.num_warps, num_stages=config.num_stages)
+    kwargs = dict(constexprs, **config.blocks, num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.maxnreg)
     if _recorder is not None:
         _recorder.append((kernel, grid, args, kwargs))
     else:

@@ -134,8 +134,8 @@ def mlp2_config(M: int, K: int, H: int, N: int, dtype: torch.dtype, precision: s
     if interpreted:
         return Config(dict(BLOCK_M=128, BLOCK_N=_dot(N, 256), BLOCK_K=_dot(K, 256), BLOCK_H=_dot(H, 128)))
     if precision == "tf32":
-        return Config(dict(BLOCK_M=64, BLOCK_N=_dot(N, 128), BLOCK_K=_dot(K, 16), BLOCK_H=_dot(H, 32)), num_warps=8, num_stages=2)
-    return Config(dict(BLOCK_M=64, BLOCK_N=_dot(N, 64), BLOCK_K=_dot(K, 16), BLOCK_H=_dot(H, 32)), num_warps=8, num_stages=1)
+        return Config(dict(BLOCK_M=64, BLOCK_N=_dot(N, 128), BLOCK_K=_dot(K, 16), BLOCK_H=_dot(H, 32)), num_warps=8, num_stages=2, maxnreg=255)
+    return Config(dict(BLOCK_M=64, BLOCK_N=_dot(N, 64), BLOCK_K=_dot(K, 16), BLOCK_H=_dot(H, 32)), num_warps=8, num_stages=1, maxnreg=255)
 
 
 def linear_config(M: int, K: int, N: int, dtype: torch.dtype, precision: str, interpreted: bool = INTERPRETED) -> Config:
@@ -144,8 +144,8 @@ def linear_config(M: int, K: int, N: int, dtype: torch.dtype, precision: str, in
     if interpreted:
         return Config(dict(BLOCK_M=128, BLOCK_N=_dot(N, 256), BLOCK_K=_dot(K, 128)))
     if precision == "tf32":
-        return Config(dict(BLOCK_M=64, BLOCK_N=_dot(N, 128), BLOCK_K=_dot(K, 32)), num_warps=8, num_stages=3)
-    return Config(dict(BLOCK_M=64, BLOCK_N=_dot(N, 64), BLOCK_K=_dot(K, 16)), num_warps=8, num_stages=3)
+        return Config(dict(BLOCK_M=64, BLOCK_N=_dot(N, 128), BLOCK_K=_dot(K, 32)), num_warps=8, num_stages=3, maxnreg=255)
+    return Config(dict(BLOCK_M=64, BLOCK_N=_dot(N, 64), BLOCK_K=_dot(K, 16)), num_warps=8, num_stages=3, maxnreg=255)
 
 
 def normals_config(n: int, interpreted: bool = INTERPRETED) -> Config:

@@ -143,6 +143,12 @@ def _columns(D: int) -> int:
     return min((64, 128, 256, 512), key=lambda b: (triton.cdiv(D, b) * b, -b))
 
 
+def _maxnreg(dtype: torch.dtype) -> int:
+    """Register cap of the memory-bound loss kernels: 64 (at least 32 warps per SM), 128 for
+    float64 (two registers a value); tighter caps spill in some variants."""
+    return 128 if dtype == torch.float64 else 64
+
+
 def config(B: int, D: int, L: int, dtype: torch.dtype, interpreted: bool = INTERPRETED) -> Config:
     """Blocks of the loss kernel for (B, D) logits of `dtype` and (B, L) latents.
 
@@ -158,7 +164,7 @@ def config(B: int, D: int, L: int, dtype: torch.dtype, interpreted: bool = INTER
         return Config(dict(BLOCK_R=min(triton.next_power_of_2(B), (1 << 17) // max(cols, latent)), BLOCK_D=cols, BLOCK_L=latent))
     cols = _columns(D)
     rows = max(1, 512 // cols)
-    return Config(dict(BLOCK_R=rows, BLOCK_D=cols, BLOCK_L=min(latent, max(16, 512 // rows))), num_warps=4)
+    return Config(dict(BLOCK_R=rows, BLOCK_D=cols, BLOCK_L=min(latent, max(16, 512 // rows))), num_warps=4, maxnreg=_maxnreg(dtype))
 
 
 def loss_forward(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float | torch.Tensor, likelihood: str,
@@ -193,13 +199,13 @@ def _programs(n: int, block: int, device: torch.device) -> int:
 
 def scale_config(dtype: torch.dtype, interpreted: bool = INTERPRETED) -> Config:
     """Blocks of scale_grads: 1024 elements (8 per thread, 4 warps) on a GPU; large in the interpreter."""
-    return Config(dict(BLOCK=1 << 16 if interpreted else 1024), num_warps=4)
+    return Config(dict(BLOCK=1 << 16 if interpreted else 1024), num_warps=4, maxnreg=_maxnreg(dtype))
 
 
 def scale_rows_config(C: int, dtype: torch.dtype, interpreted: bool = INTERPRETED) -> Config:
     """Blocks of the per-row scaling of a (B, C) gradient: [rows, <= 512 columns] tiles of 1024 elements, 4 warps."""
     cols = min(triton.next_power_of_2(C), 4096 if interpreted else 512)
-    return Config(dict(BLOCK_R=max(1, (1 << 16 if interpreted else 1024) // cols), BLOCK_C=cols), num_warps=4)
+    return Config(dict(BLOCK_R=max(1, (1 << 16 if interpreted else 1024) // cols), BLOCK_C=cols), num_warps=4, maxnreg=_maxnreg(dtype))
 
 
 def scale_grads(grad_out: torch.Tensor, grads: list[torch.Tensor], *, block: int | None = None) -> None:
@@ -209,19 +215,23 @@ def scale_grads(grad_out: torch.Tensor, grads: list[torch.Tensor], *, block: int
     if not live:
         return
 
-    def acc(*tensors: torch.Tensor) -> tl.dtype:
-        return acc_dtype(max((grad_out, *tensors), key=lambda t: t.dtype.itemsize))
+    def widest(*tensors: torch.Tensor) -> torch.dtype:  # the accumulation follows the widest operand
+        return max((grad_out, *tensors), key=lambda t: t.dtype.itemsize).dtype
 
     if grad_out.dim() == 0:
-        cfg = scale_config(live[0].dtype).override(BLOCK=block)
         for i in range(0, len(live), 3):
             group = live[i:i + 3]
+            wide = widest(*group)
+            cfg = scale_config(wide).override(BLOCK=block)
             n = max(t.numel() for t in group)
             args = [a for t in group for a in (t, t.numel())] + [group[0], 0] * (3 - len(group))
-            launch(_scale, (_programs(n, cfg.blocks["BLOCK"], grad_out.device),), grad_out, *args, config=cfg, ACC=acc(*group))
+            launch(_scale, (_programs(n, cfg.blocks["BLOCK"], grad_out.device),), grad_out, *args, config=cfg,
+                   ACC=tl.float64 if wide == torch.float64 else tl.float32)
         return
     for t in live:
         B = t.shape[0]
         C = t.numel() // B
-        cfg = scale_rows_config(C, t.dtype)
-        launch(_scale_rows, (_programs(B, cfg.blocks["BLOCK_R"], grad_out.device),), grad_out, t, B, C, config=cfg, ACC=acc(t))
+        wide = widest(t)
+        cfg = scale_rows_config(C, wide)
+        launch(_scale_rows, (_programs(B, cfg.blocks["BLOCK_R"], grad_out.device),), grad_out, t, B, C, config=cfg,
+               ACC=tl.float64 if wide == torch.float64 else tl.float32)

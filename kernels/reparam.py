@@ -4,7 +4,7 @@ Each program owns BLOCK_R rows of (mu, logvar), i.e. the flat range m in [r0 * L
 every sample. It walks that range in groups of four consecutive elements, so one Philox call
 and two sin/cos pairs give the four normals of a group (element i of z = (s, b, l) flattened is
 lane i % 4 of the counter i // 4, ``fastvae.ops.philox``'s stream), each thread reading and
-writing runs of 4-8 contiguous elements (vector loads and stores). The value checks (flag bits
+writing 4 contiguous elements (vector loads and stores). The value checks (flag bits
 for mu and logvar) test the values read there; when asked, a row-major pass over the same rows
 (in cache by then) reduces the per-row KL. eps is never stored: the backward regenerates it
 from (seed, index), exact whatever z's dtype, and does not read z.
@@ -115,23 +115,23 @@ def config(B: int, L: int, dtype: torch.dtype, interpreted: bool = INTERPRETED) 
     """Blocks of both kernels for (B, L) latents of `dtype`.
 
     GPU: BLOCK_R rows per program, a power of two >= 4 (sample 0's groups of 4 never straddle
-    two programs), about 2048 latent elements, fewer (down to 128) while that leaves under two
-    programs per SM (132 SMs). BLOCK_G groups of 4 per loop step: 8 elements per thread (two
-    16-byte vectors) for 4- and 8-byte types, 4 for 2-byte ones (whose 16-byte loads would be
-    re-laid out through shared memory to meet eps' layout); at least one group per thread,
-    since a smaller block would repeat Philox calls across threads. The KL pass (need_kl) reads
-    tiles of at most 1024 elements. Interpreter: a few large programs (~6 ms per instance).
+    two programs): about 2048 latent elements, fewer (down to 128) while that leaves under two
+    programs per SM (132 SMs). One group of 4 per thread and loop step (BLOCK_G groups, up to
+    128: 4 warps): one Philox call per thread and step, 4 contiguous elements (a 16-byte vector
+    for float32), the layout eps comes in, so no shared-memory shuffles; never more threads
+    than groups, which would repeat Philox calls. The KL pass (need_kl) reads tiles of at most
+    1024 elements. At most 128 registers (tighter caps spill in some variants).
+    Interpreter: a few large programs (~6 ms per instance).
     """
     if interpreted:
         cols = min(triton.next_power_of_2(L), 4096)
         rows = min(triton.next_power_of_2(B), max(4, (1 << 16) // cols))
         return Config(dict(BLOCK_R=rows, BLOCK_L=cols, BLOCK_G=min(1 << 14, triton.next_power_of_2(triton.cdiv(rows * L, 4)))))
-    per_thread = 8 if dtype.itemsize >= 4 else 4
     elements = min(2048, max(128, B * L // 264))
     rows = max(4, 1 << (max(1, elements // L).bit_length() - 1))
-    groups = max(32, min(32 * per_thread, triton.next_power_of_2(triton.cdiv(rows * L, 4))))
+    groups = max(32, min(128, triton.next_power_of_2(triton.cdiv(rows * L, 4))))
     cols = min(triton.next_power_of_2(L), max(16, 1024 // rows))
-    return Config(dict(BLOCK_R=rows, BLOCK_L=cols, BLOCK_G=groups), num_warps=max(1, min(4, groups * 4 // (32 * per_thread))))
+    return Config(dict(BLOCK_R=rows, BLOCK_L=cols, BLOCK_G=groups), num_warps=groups // 32, maxnreg=128)
 
 
 def _aligned(B: int, L: int, k: int) -> bool:

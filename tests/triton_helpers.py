@@ -2,9 +2,21 @@
 import pytest
 import torch
 
+import numpy  # noqa: E402
+
 triton = pytest.importorskip("triton")
 
 from fastvae.backends import BackendUnavailable, resolve  # noqa: E402
+from fastvae.kernels._common import INTERPRETED  # noqa: E402
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split("+")[0].split(".")[:2])
+
+
+if INTERPRETED and _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+    pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run a loop under numpy {numpy.__version__} (a size-1 array no longer "
+                "converts to int); pip install 'numpy<2.4' or 'triton>=3.7' to run the interpreted Triton tests", allow_module_level=True)
 
 try:  # the tests run CPU tensors: they need the interpreter (tests/conftest.py turns it on)
     resolve("reparam", "cpu", "triton")
