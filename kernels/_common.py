@@ -1,7 +1,9 @@
-"""Helpers shared by the Triton kernels: the Philox normal, block-size defaults, the accumulation dtype."""
+"""Shared by the Triton kernels: launch configurations, the single launch point, the Philox
+normals (one Philox call per 4 outputs), device-side seeds and the value-check flag word."""
 from __future__ import annotations
 
 import os
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -10,13 +12,35 @@ import triton.language as tl
 # The interpreter pays ~6 ms per program instance, whatever its size: there, few large blocks.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
+# Value-check bits ORed into the flag word (fastvae/_checks.py FLAG_* and csrc/flags.h mirror them).
+FLAG_LOGITS_NONFINITE = 1
+FLAG_X_NONFINITE = 2
+FLAG_X_RANGE = 4  # Bernoulli likelihood, floating-point target < 0 or > 1
+FLAG_MU_NONFINITE = 8
+FLAG_LOGVAR_NONFINITE = 16
+FLAG_LOGVAR_HIGH = 32  # finite logvar > MAX_LOGVAR
+MAX_LOGVAR = 88.0  # exp(88.7) is float32's largest finite value
 
-def pick(gpu: int, interpreted: int, override: int | None = None) -> int:
-    """A block size: `override` if given (tests pin it), else the default for where kernels run."""
-    value = override if override is not None else (interpreted if INTERPRETED else gpu)
-    if value < 1 or value & (value - 1):
-        raise ValueError(f"block sizes must be powers of two, got {value}")
-    return value
+
+class Config(NamedTuple):
+    """What a wrapper launches: the block-size constexprs and the compile options.
+
+    maxnreg: ptxas's register cap, which sets the occupancy. Without one, ptxas 12.8 (Triton
+    3.6's) aims some kernels at a count of its own (32, 80) and spills a few bytes to reach it;
+    with one it allocates up to the cap without spilling (.ci/check_triton_compile.py compiles
+    with both Triton versions' ptxas)."""
+
+    blocks: dict[str, int]
+    num_warps: int = 4
+    num_stages: int = 1
+    maxnreg: int = 128
+
+    def override(self, **blocks: int | None) -> Config:
+        """These block sizes instead of the defaults (tests pin them); None keeps the default."""
+        for name, value in blocks.items():
+            if value is not None and (value < 1 or value & (value - 1)):
+                raise ValueError(f"{name} must be a power of two, got {value}")
+        return self._replace(blocks=dict(self.blocks, **{k: v for k, v in blocks.items() if v is not None}))
 
 
 def acc_dtype(t: torch.Tensor) -> tl.dtype:
@@ -24,18 +48,89 @@ def acc_dtype(t: torch.Tensor) -> tl.dtype:
     return tl.float64 if t.dtype == torch.float64 else tl.float32
 
 
+_recorder: list | None = None  # .ci/check_triton_compile.py: launches are recorded here instead of run
+
+
+def launch(kernel: Any, grid: tuple[int, ...], *args: Any, config: Config, **constexprs: Any) -> None:
+    """The one place the wrappers launch a kernel, so that .ci/check_triton_compile.py can record
+    each launch (arguments, constexprs, options) and compile exactly that for a GPU."""
+    kwargs = dict(constexprs, **config.blocks, num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.maxnreg)
+    if _recorder is not None:
+        _recorder.append((kernel, grid, args, kwargs))
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+def seed_args(seed: int | torch.Tensor, dummy: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
+    """(seed_ptr, seed, SEED_PTR) for a kernel: a 0-dim int64 device tensor is read by the kernel
+    (no host sync, CUDA-graph safe); an int travels by value (seed_ptr is then any tensor, unread)."""
+    if isinstance(seed, torch.Tensor):
+        return seed, 0, True
+    return dummy, seed, False
+
+
 @triton.jit
-def normal_at(seed, idx):
-    """float32 N(0, 1) at int64 flat indices `idx` of stream `seed` (``fastvae.ops.philox``'s mapping):
-    lane idx % 4 of Philox4x32-10(seed) at 64-bit counter idx // 4, two Box-Muller pairs."""
-    counter = idx >> 2
-    lane = idx & 3
+def load_seed(seed_ptr, seed, SEED_PTR: tl.constexpr):
+    """The 64-bit Philox key: read from device memory, or the by-value argument."""
+    if SEED_PTR:
+        key = tl.load(seed_ptr).to(tl.int64)
+    else:
+        key = seed.to(tl.int64)
+    return key
+
+
+@triton.jit
+def normals4(key, counter):
+    """Four float32 N(0, 1) per int64 counter, the lanes 0..3 of ``fastvae.ops.philox``: one
+    Philox4x32-10 call and two Box-Muller pairs (one sin/cos pair each)."""
     c_lo = counter.to(tl.uint32)
     c_hi = (counter >> 32).to(tl.uint32)
     zero = c_lo * 0
-    w0, w1, w2, w3 = tl.philox(seed, c_lo, c_hi, zero, zero)
-    first_pair = lane < 2
-    u1 = tl.uint_to_uniform_float(tl.where(first_pair, w0, w2))
-    u2 = tl.uint_to_uniform_float(tl.where(first_pair, w1, w3))
-    n_cos, n_sin = tl.pair_uniform_to_normal(u1, u2)
-    return tl.where((lane & 1) == 0, n_cos, n_sin)
+    w0, w1, w2, w3 = tl.philox(key, c_lo, c_hi, zero, zero)
+    n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w0), tl.uint_to_uniform_float(w1))
+    n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w2), tl.uint_to_uniform_float(w3))
+    return n0, n1, n2, n3
+
+
+@triton.jit
+def interleave4(a, b, c, d):
+    """[N] x 4 -> [4N] with element 4i + j taken from the j-th argument at i."""
+    return tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), [4 * a.shape[0]])
+
+
+@triton.jit
+def nonfinite(x):
+    """NaN or +-Inf: NaN compares false, so the test is `not abs(x) < inf`."""
+    return (tl.abs(x) < float("inf")) == 0
+
+
+@triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def or_all(bad):
+    """The OR of every element of an int32 tile."""
+    return tl.reduce(tl.reshape(bad, [bad.numel]), 0, _bit_or)
+
+
+@triton.jit
+def report(flags_ptr, bits):
+    """OR `bits` into flags[0]: one atomic per program, and only when a bit is set."""
+    if bits != 0:
+        tl.atomic_or(flags_ptr, bits)
+
+
+@triton.jit
+def latent_flags(mu, lv):
+    """int32 flag bits of mu / logvar values (padding lanes are loaded as 0: they never flag)."""
+    lv_bad = nonfinite(lv)
+    return (tl.where(nonfinite(mu), _MU_NONFINITE, 0) | tl.where(lv_bad, _LOGVAR_NONFINITE, 0)
+            | tl.where((lv > _MAX_LOGVAR) & (lv_bad == 0), _LOGVAR_HIGH, 0))
+
+
+_MU_NONFINITE = tl.constexpr(FLAG_MU_NONFINITE)
+_LOGVAR_NONFINITE = tl.constexpr(FLAG_LOGVAR_NONFINITE)
+_LOGVAR_HIGH = tl.constexpr(FLAG_LOGVAR_HIGH)
+_MAX_LOGVAR = tl.constexpr(MAX_LOGVAR)

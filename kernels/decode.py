@@ -1,14 +1,17 @@
-"""Triton latent-batch decoding: MLP decoders run per chunk of rows, z drawn from the prior in-kernel.
+"""Triton latent-batch decoding: MLP decoders run per chunk of rows, z drawn from the prior on the device.
 
-Two shapes of launch, both per chunk (never the whole batch):
+Per chunk (never the whole batch): prior latents are drawn once into a float32 (rows, latent)
+buffer by `_normals` (one Philox call per 4 normals; the seed may live on the device, so a
+captured sampling graph draws new samples per replay), then
 - one hidden layer (the reference decoder, z -> ReLU(fc1) -> fc2 -> sigmoid): one kernel. Each
   program owns a BLOCK_M x BLOCK_N tile of the output and walks the hidden layer BLOCK_H units
-  at a time, recomputing that slice of ReLU(z W1^T + b1) on chip (cheap: the latent dim is
-  small) and feeding it straight into the second tl.dot, so hidden activations never leave the SM;
+  at a time, recomputing that slice of ReLU(z W1^T + b1) on chip from BLOCK_K-wide slices of
+  the latent (cheap: the latent dim is small) and feeding it straight into the second tl.dot,
+  so hidden activations never leave the SM;
 - any other depth: one kernel per layer with the chunk's activations in a float32 buffer.
 Matmuls run in float32 (half weights are upcast on load); float32 dots use TF32 exactly when
-torch would (torch.backends.cuda.matmul.allow_tf32). The epilogue applies the sigmoid and, for
-uint8 output, quantises floor(p * 255 + 0.5).
+torch would (`precision`). The epilogue applies the sigmoid and, for uint8 output, quantises
+floor(p * 255 + 0.5).
 """
 from __future__ import annotations
 
@@ -16,21 +19,26 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, normal_at, pick
+from ._common import INTERPRETED, Config, acc_dtype, interleave4, launch, load_seed, normals4, seed_args
 
-MAX_FUSED_LATENT = 256  # the one-kernel path keeps a BLOCK_M x latent tile of z in registers
-NUM_WARPS = 8  # 64 x 128 float32 tiles: with 4 warps ptxas spills (.ci/check_triton_compile.py)
+MAX_FUSED_LATENT = 256  # the one-kernel path recomputes the hidden layer per output tile: worth it for small latents
+
+
+@triton.jit(do_not_specialize=["seed", "offset"])
+def _normals(out_ptr, seed_ptr, seed: tl.int64, offset: tl.int64, n, SEED_PTR: tl.constexpr, BLOCK_G: tl.constexpr):
+    """out[i] = normal at flat index offset + i of stream `seed`, i < n: one Philox call per 4 outputs."""
+    key = load_seed(seed_ptr, seed, SEED_PTR)
+    g0 = (offset >> 2) + tl.program_id(0).to(tl.int64) * BLOCK_G
+    e0, e1, e2, e3 = normals4(key, g0 + tl.arange(0, BLOCK_G))
+    idx = 4 * g0 + tl.arange(0, 4 * BLOCK_G)
+    tl.store(out_ptr + (idx - offset), interleave4(e0, e1, e2, e3), mask=(idx >= offset) & (idx < offset + n))
 
 
 @triton.jit
-def _latents(z_ptr, seed, start, rows64, ks, M, K, PRIOR: tl.constexpr):
-    """float32 [rows, ks] tile of the chunk's latents: read, or drawn at element (start + row) * K + k."""
-    mask = (rows64 < M)[:, None] & (ks < K)[None, :]
-    if PRIOR:
-        z = tl.where(mask, normal_at(seed, (rows64 + start)[:, None] * K + ks[None, :]), 0.0)
-    else:
-        z = tl.load(z_ptr + rows64[:, None] * K + ks[None, :], mask=mask, other=0.0).to(tl.float32)
-    return z
+def _tile(ptr, rows, cols, R, C):
+    """float32 [rows, cols] tile of a row-major (R, C) matrix; zero outside."""
+    mask = (rows < R)[:, None] & (cols < C)[None, :]
+    return tl.load(ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -41,7 +49,7 @@ def _weight_t(w_ptr, ks, cols, K, N):
 
 
 @triton.jit
-def _finish(acc, b_ptr, out_ptr, rows64, cols, M, N, SIGMOID: tl.constexpr, U8: tl.constexpr):
+def _finish(acc, b_ptr, out_ptr, rows, cols, M, N, SIGMOID: tl.constexpr, U8: tl.constexpr):
     """acc + bias, then ReLU (hidden) or sigmoid (+ uint8 quantisation), stored under the mask."""
     acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     if SIGMOID:
@@ -50,38 +58,37 @@ def _finish(acc, b_ptr, out_ptr, rows64, cols, M, N, SIGMOID: tl.constexpr, U8: 
             acc = tl.floor(tl.minimum(tl.maximum(acc, 0.0), 1.0) * 255.0 + 0.5)
     else:
         acc = tl.maximum(acc, 0.0)
-    mask = (rows64 < M)[:, None] & (cols < N)[None, :]
-    tl.store(out_ptr + rows64[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _mlp2(z_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, seed, start, M, K, H, N,
-          PRIOR: tl.constexpr, U8: tl.constexpr, PRECISION: tl.constexpr,
+def _mlp2(z_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, M, K, H, N, U8: tl.constexpr, PRECISION: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
-    rows64 = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)  # the whole latent (BLOCK_K >= K)
-    z = _latents(z_ptr, seed, start, rows64, ks, M, K, PRIOR)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for h0 in range(0, H, BLOCK_H):
         hs = h0 + tl.arange(0, BLOCK_H)
-        h = tl.dot(z, _weight_t(w1_ptr, ks, hs, K, H), input_precision=PRECISION)
+        h = tl.zeros([BLOCK_M, BLOCK_H], tl.float32)
+        for k0 in range(0, K, BLOCK_K):  # the latent BLOCK_K at a time: bounded registers and shared memory
+            ks = k0 + tl.arange(0, BLOCK_K)
+            h = tl.dot(_tile(z_ptr, rows, ks, M, K), _weight_t(w1_ptr, ks, hs, K, H), h, input_precision=PRECISION)
         h = tl.maximum(h + tl.load(b1_ptr + hs, mask=hs < H, other=0.0).to(tl.float32)[None, :], 0.0)  # padding stays 0
         acc = tl.dot(h, _weight_t(w2_ptr, hs, cols, H, N), acc, input_precision=PRECISION)
-    _finish(acc, b2_ptr, out_ptr, rows64, cols, M, N, True, U8)
+    _finish(acc, b2_ptr, out_ptr, rows, cols, M, N, True, U8)
 
 
 @triton.jit
-def _linear(in_ptr, w_ptr, b_ptr, out_ptr, seed, start, M, K, N,
-            PRIOR: tl.constexpr, SIGMOID: tl.constexpr, U8: tl.constexpr, PRECISION: tl.constexpr,
+def _linear(in_ptr, w_ptr, b_ptr, out_ptr, M, K, N, SIGMOID: tl.constexpr, U8: tl.constexpr, PRECISION: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows64 = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        acc = tl.dot(_latents(in_ptr, seed, start, rows64, ks, M, K, PRIOR), _weight_t(w_ptr, ks, cols, K, N), acc, input_precision=PRECISION)
-    _finish(acc, b_ptr, out_ptr, rows64, cols, M, N, SIGMOID, U8)
+        acc = tl.dot(_tile(in_ptr, rows, ks, M, K), _weight_t(w_ptr, ks, cols, K, N), acc, input_precision=PRECISION)
+    _finish(acc, b_ptr, out_ptr, rows, cols, M, N, SIGMOID, U8)
 
 
 @triton.jit
@@ -96,33 +103,88 @@ def _to_image(v_ptr, out_ptr, n, FROM_LOGITS: tl.constexpr, U8: tl.constexpr, AC
     tl.store(out_ptr + offs, p.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _precision() -> str:
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+def precision() -> str:
+    """tl.dot precision for float32 operands: "tf32" exactly when torch's matmuls use TF32.
+
+    torch >= 2.9 has fp32_precision (and raises when a program mixes it with the legacy
+    allow_tf32 flags); "none" inherits torch.backends.fp32_precision.
+    """
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        value = matmul.fp32_precision
+        if value == "none":
+            value = getattr(torch.backends, "fp32_precision", "none")
+        return "tf32" if value == "tf32" else "ieee"
+    return "tf32" if matmul.allow_tf32 else "ieee"
 
 
-def _dot_block(n: int, gpu: int, interpreted: int, override: int | None) -> int:
-    """A tl.dot dimension: at least 16 (GPU-legal), at most what `n` needs."""
-    return pick(max(16, min(triton.next_power_of_2(n), gpu)), max(16, min(triton.next_power_of_2(n), interpreted)), override)
+def _dot(n: int, cap: int) -> int:
+    """A tl.dot dimension: at least 16 (GPU-legal), at most `cap`, no more than `n` needs."""
+    return max(16, min(triton.next_power_of_2(n), cap))
+
+
+def mlp2_config(M: int, K: int, H: int, N: int, dtype: torch.dtype, precision: str, interpreted: bool = INTERPRETED) -> Config:
+    """Blocks of the one-kernel two-layer decoder for `dtype` weights and tl.dot `precision`.
+
+    GPU: 64-row output tiles, the hidden layer 32 units and the latent 16 at a time (so any
+    latent size up to MAX_FUSED_LATENT fits), 8 warps: 64 x 128 tiles on tensor cores (tf32,
+    2 stages); 64 x 64 tiles, 1 stage for IEEE float32, which runs on the FMA units with more
+    registers per output (larger tiles or 2 stages spill on sm_80; .ci/check_triton_compile.py).
+    """
+    if interpreted:
+        return Config(dict(BLOCK_M=128, BLOCK_N=_dot(N, 256), BLOCK_K=_dot(K, 256), BLOCK_H=_dot(H, 128)))
+    if precision == "tf32":
+        return Config(dict(BLOCK_M=64, BLOCK_N=_dot(N, 128), BLOCK_K=_dot(K, 16), BLOCK_H=_dot(H, 32)), num_warps=8, num_stages=2, maxnreg=255)
+    return Config(dict(BLOCK_M=64, BLOCK_N=_dot(N, 64), BLOCK_K=_dot(K, 16), BLOCK_H=_dot(H, 32)), num_warps=8, num_stages=1, maxnreg=255)
+
+
+def linear_config(M: int, K: int, N: int, dtype: torch.dtype, precision: str, interpreted: bool = INTERPRETED) -> Config:
+    """Blocks of one decoder layer: 64 x 128 output tiles, K 32 at a time (tf32); 64 x 64, K 16
+    at a time for IEEE float32 (FMA units: larger tiles spill); 8 warps, 3 stages."""
+    if interpreted:
+        return Config(dict(BLOCK_M=128, BLOCK_N=_dot(N, 256), BLOCK_K=_dot(K, 128)))
+    if precision == "tf32":
+        return Config(dict(BLOCK_M=64, BLOCK_N=_dot(N, 128), BLOCK_K=_dot(K, 32)), num_warps=8, num_stages=3, maxnreg=255)
+    return Config(dict(BLOCK_M=64, BLOCK_N=_dot(N, 64), BLOCK_K=_dot(K, 16)), num_warps=8, num_stages=3, maxnreg=255)
+
+
+def normals_config(n: int, interpreted: bool = INTERPRETED) -> Config:
+    """Blocks of the prior draw: 256 counters (1024 normals, 8 per thread) per program, 4 warps."""
+    return Config(dict(BLOCK_G=min(1 << 14 if interpreted else 256, triton.next_power_of_2(triton.cdiv(n, 4) + 1))), num_warps=4)
+
+
+def image_config(n: int, interpreted: bool = INTERPRETED) -> Config:
+    """Blocks of the image tail: 1024 elements per program (8 per thread), 4 warps."""
+    return Config(dict(BLOCK=1 << 20 if interpreted else 1024), num_warps=4)
+
+
+def draw_prior(seed: int | torch.Tensor, start: int, rows: int, latent: int, device: torch.device) -> torch.Tensor:
+    """(rows, latent) float32 normals at flat indices start * latent .. of stream `seed` (``fastvae.ops.philox``)."""
+    z = torch.empty(rows, latent, dtype=torch.float32, device=device)
+    n, offset = rows * latent, start * latent
+    cfg = normals_config(n)
+    groups = ((offset + n - 1) >> 2) - (offset >> 2) + 1
+    seed_ptr, seed_val, seed_is_ptr = seed_args(seed, z)
+    launch(_normals, (triton.cdiv(groups, cfg.blocks["BLOCK_G"]),), z, seed_ptr, seed_val, offset, n, config=cfg, SEED_PTR=seed_is_ptr)
+    return z
 
 
 def decode_mlp(layers: list[tuple[torch.Tensor, torch.Tensor]], z: torch.Tensor | None, seed: int | torch.Tensor, start: int, out: torch.Tensor, *,
                fuse: bool | None = None, block_m: int | None = None, block_n: int | None = None, block_k: int | None = None) -> None:
     """Write sigmoid(MLP(z)) for rows start .. start + len(out) into `out` (float or uint8).
 
-    z None draws the latents from the prior (stream `seed`, element offset start * latent_dim).
+    z None draws the latents from the prior (stream `seed`, an int or a 0-dim int64 device
+    tensor, element offset start * latent_dim) into a float32 chunk first, once per chunk.
     fuse None: one kernel when there is one hidden layer and latent_dim <= MAX_FUSED_LATENT.
     """
     M, N = out.shape
     K = layers[0][0].shape[1]
     if M == 0:
         return
-    if isinstance(seed, torch.Tensor):  # interface shim: read on the host until the kernel loads it
-        seed = int(seed.item())
     target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
-    zc = z.contiguous() if z is not None else out  # out: an unused pointer when drawing from the prior
+    zc = z.contiguous() if z is not None else draw_prior(seed, start, M, K, out.device)
     params = [(w.contiguous(), b.contiguous()) for w, b in layers]
-    u8, precision = out.dtype == torch.uint8, _precision()
-    bm = pick(64, 128, block_m)
+    u8, prec = out.dtype == torch.uint8, precision()
     if fuse is None:
         fuse = len(layers) == 2 and K <= MAX_FUSED_LATENT
     if fuse:
@@ -130,20 +192,18 @@ def decode_mlp(layers: list[tuple[torch.Tensor, torch.Tensor]], z: torch.Tensor 
             raise ValueError(f"fuse=True needs exactly one hidden layer, got {len(layers)} layers")
         (w1, b1), (w2, b2) = params
         H = w1.shape[0]
-        bn, bh = _dot_block(N, 128, 256, block_n), _dot_block(H, 64, 128, block_k)
-        grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-        _mlp2[grid](zc, w1, b1, w2, b2, target, seed, start, M, K, H, N, PRIOR=z is None, U8=u8, PRECISION=precision,
-                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=max(16, triton.next_power_of_2(K)), BLOCK_H=bh, num_warps=NUM_WARPS)
+        cfg = mlp2_config(M, K, H, N, w1.dtype, prec).override(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_k, BLOCK_K=block_k)
+        grid = (triton.cdiv(M, cfg.blocks["BLOCK_M"]), triton.cdiv(N, cfg.blocks["BLOCK_N"]))
+        launch(_mlp2, grid, zc, w1, b1, w2, b2, target, M, K, H, N, config=cfg, U8=u8, PRECISION=prec)
     else:
         h = zc
         for i, (w, b) in enumerate(params):
             last = i == len(params) - 1
             n_out, k_in = w.shape
             dst = target if last else torch.empty(M, n_out, dtype=torch.float32, device=out.device)
-            bn, bk = _dot_block(n_out, 128, 256, block_n), _dot_block(k_in, 32, 128, block_k)
-            grid = (triton.cdiv(M, bm), triton.cdiv(n_out, bn))
-            _linear[grid](h, w, b, dst, seed, start, M, k_in, n_out, PRIOR=i == 0 and z is None, SIGMOID=last, U8=u8 and last,
-                          PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS)
+            cfg = linear_config(M, k_in, n_out, w.dtype, prec).override(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+            grid = (triton.cdiv(M, cfg.blocks["BLOCK_M"]), triton.cdiv(n_out, cfg.blocks["BLOCK_N"]))
+            launch(_linear, grid, h, w, b, dst, M, k_in, n_out, config=cfg, SIGMOID=last, U8=u8 and last, PRECISION=prec)
             h = dst
     if target is not out:
         out.copy_(target)
@@ -155,8 +215,8 @@ def to_image(values: torch.Tensor, out: torch.Tensor, from_logits: bool, *, bloc
     if n == 0:
         return
     target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
-    bs = pick(1024, 1 << 20, block)
-    _to_image[(triton.cdiv(n, bs),)](values.contiguous(), target, n, FROM_LOGITS=from_logits, U8=out.dtype == torch.uint8,
-                                     ACC=acc_dtype(values), BLOCK=bs)
+    cfg = image_config(n).override(BLOCK=block)
+    launch(_to_image, (triton.cdiv(n, cfg.blocks["BLOCK"]),), values.contiguous(), target, n, config=cfg, FROM_LOGITS=from_logits,
+           U8=out.dtype == torch.uint8, ACC=acc_dtype(values))
     if target is not out:
         out.copy_(target)

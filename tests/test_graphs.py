@@ -233,7 +233,6 @@ def test_the_op_budget_catches_the_philox_fallback(monkeypatch):
     assert len(ops) > 3 * STEP_BUDGET
 
 
-@pytest.mark.xfail(strict=True, reason="native kernels: branch cpp/triton (the C++ adapter's tensor_seed)")
 def test_captured_step_with_the_cpp_kernels_within_the_op_budget(monkeypatch):
     pytest.importorskip("fastvae._C")
     real = {op: backends_module.load(op, "cpp") for op in ("reparam", "loss")}

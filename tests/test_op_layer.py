@@ -21,7 +21,6 @@ from fastvae.trainer import restore_rng
 import fake_backends as fake
 
 backends = importlib.import_module("fastvae.backends")
-NATIVE = pytest.mark.xfail(strict=True, reason="native kernels: branch cpp/triton")
 
 
 @pytest.fixture
@@ -338,7 +337,6 @@ def test_no_logits_sized_op_in_the_backward_through_the_cpp_kernel(monkeypatch):
     assert _backward_ops(monkeypatch, "cpp") == []
 
 
-@NATIVE
 def test_no_logits_sized_op_in_the_backward_through_the_triton_kernel(monkeypatch):
     """The CUDA branch: Triton's scale_grads reads the scalar on the device (here through the interpreter)."""
     pytest.importorskip("triton")
@@ -451,7 +449,7 @@ def _bf16_grad_logvar(backend):
     return logvar.grad.float(), lv32.grad
 
 
-@pytest.mark.parametrize("backend", ["torch", "contract", pytest.param("triton", marks=NATIVE)])
+@pytest.mark.parametrize("backend", ["torch", "contract", "triton"])
 def test_bf16_grad_logvar_matches_float32_autograd_with_the_same_eps(backend, monkeypatch):
     # One rounding to bfloat16 at the end: <= 2^-8 relative. z - mu from a bf16 z gives errors of order 100%
     # here, eps and std rounded to bf16 before the product (the former torch path) up to 0.8%. Triton's
@@ -505,7 +503,6 @@ def test_real_backends_sample_with_a_tensor_seed(monkeypatch, backend):
                                reparameterize(mu, logvar, seed=77, backend="torch"), rtol=1e-5, atol=1e-5)
 
 
-@NATIVE
 @pytest.mark.parametrize("backend", REAL)
 @pytest.mark.parametrize("case", ["nan-logits", "inf-mu", "logvar-high", "x-range"])
 def test_real_backends_flag_bad_values(monkeypatch, backend, case):
@@ -529,7 +526,6 @@ def test_real_backends_flag_bad_values(monkeypatch, backend, case):
             reparameterize(mu, logvar, backend=backend)
 
 
-@NATIVE
 def test_flag_bits_agree_with_the_triton_kernels():
     """kernels/_common.py mirrors fastvae/_checks.py's FLAG_* (csrc/flags.h: tests/test_cpp_ops.py)."""
     from fastvae.kernels import _common

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from triton_helpers import poisoned, strict  # noqa: F401 - fixtures
+from triton_helpers import launches, poisoned, specialization, strict  # noqa: F401 - fixtures
 from fastvae import MLPDecoder
 from fastvae.kernels import decode as kernels
 from fastvae.ops import philox
@@ -127,3 +127,65 @@ def test_to_image_extremes(poisoned):
     probs = torch.empty(9)
     kernels.to_image(values, probs, True)
     torch.testing.assert_close(probs, torch.sigmoid(values))
+
+
+@pytest.mark.parametrize("latent,start", [(20, 0), (3, 5), (7, 2**31 + 1)])  # offsets start * latent off a group of 4
+def test_prior_with_a_device_seed_is_the_int_seed_stream(latent, start, poisoned):
+    decoder = _decoder(latent=latent)
+    layers = [(m.weight, m.bias) for m in decoder.linears()]
+    seed = 2**62 + 9
+    z = philox.randn(seed, 45 * latent, offset=start * latent).view(45, latent)
+    drawn = kernels.draw_prior(seed, start, 45, latent, torch.device("cpu"))
+    torch.testing.assert_close(drawn, z, rtol=1e-5, atol=1e-5)  # float32 sin/cos/log: ulps apart
+    assert torch.equal(kernels.draw_prior(torch.tensor(seed), start, 45, latent, torch.device("cpu")), drawn)
+    by_value, on_device = torch.empty(45, 50), torch.empty(45, 50)
+    kernels.decode_mlp(layers, None, seed, start, by_value)
+    kernels.decode_mlp(layers, None, torch.tensor(seed), start, on_device)
+    assert torch.equal(by_value, on_device)
+    torch.testing.assert_close(by_value.double(), _reference(decoder, z), rtol=1e-5, atol=1e-6)
+
+
+def test_seed_and_start_do_not_recompile():
+    out = torch.empty(64, 50)
+
+    def launch(seed, start):
+        return launches(kernels.draw_prior, seed, start, 64, 20, out.device)[0]
+
+    cases = [(0, 0), (16, 16), (17, 3), (2**40, 2**20 + 16), (2**63 - 1, 1)]
+    keys = {specialization(fn, args, kw) for fn, _, args, kw in (launch(*c) for c in cases)}
+    assert len(keys) == 1, keys
+
+
+@pytest.mark.parametrize("latent", [1, 17, 256])
+def test_every_fused_latent_size(latent, poisoned):
+    """The one-kernel decoder walks the latent BLOCK_K at a time (bounded tiles up to MAX_FUSED_LATENT)."""
+    decoder = _decoder(latent=latent)
+    layers = [(m.weight, m.bias) for m in decoder.linears()]
+    z = torch.randn(37, latent)
+    out = torch.empty(37, 50)
+    kernels.decode_mlp(layers, z, 0, 0, out, fuse=True, block_k=16)
+    torch.testing.assert_close(out.double(), _reference(decoder, z), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("setting,expected", [("tf32", "tf32"), ("ieee", "ieee")])
+def test_precision_follows_torch(setting, expected, monkeypatch):
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9 has no fp32_precision")
+    old = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = setting
+        assert kernels.precision() == expected
+    finally:
+        matmul.fp32_precision = old
+
+
+def test_precision_inherits_the_global_setting_and_reads_legacy_torch(monkeypatch):
+    from types import SimpleNamespace
+    monkeypatch.setattr(torch.backends.cuda, "matmul", SimpleNamespace(fp32_precision="none"))
+    monkeypatch.setattr(torch.backends, "fp32_precision", "tf32", raising=False)
+    assert kernels.precision() == "tf32"
+    monkeypatch.setattr(torch.backends.cuda, "matmul", SimpleNamespace(allow_tf32=True))  # torch < 2.9
+    assert kernels.precision() == "tf32"
+    monkeypatch.setattr(torch.backends.cuda, "matmul", SimpleNamespace(allow_tf32=False))
+    assert kernels.precision() == "ieee"

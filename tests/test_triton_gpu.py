@@ -60,3 +60,44 @@ def test_decode_matches_torch(hidden):
         atol = 1 if out_dtype == torch.uint8 else 1e-3  # TF32 only where torch allows it; 1e-3 covers it
         torch.testing.assert_close(got.double(), ref.double(), rtol=0, atol=atol)
         torch.testing.assert_close(chunked.double(), got.double(), rtol=0, atol=atol)
+
+
+def test_device_seed_flags_and_no_recompilation():
+    """The round-2 kernel interface compiled: a device seed draws the int seed's stream, the
+    value-check bits arrive, and new seeds hit the kernel cache."""
+    from fastvae.kernels import reparam
+    mu, logvar = torch.randn(4099, 33, device="cuda"), torch.randn(4099, 33, device="cuda")
+    z, kl = reparam.reparam_forward(mu, logvar, 2**40 + 16, 2)
+    z_t, kl_t = reparam.reparam_forward(mu, logvar, torch.tensor(2**40 + 16, device="cuda"), 2)
+    assert torch.equal(z, z_t) and torch.equal(kl, kl_t)
+    flags = torch.zeros(1, dtype=torch.int32, device="cuda")
+    logvar[7, 3] = 100.0
+    reparam.reparam_forward(mu, logvar, 1, 1, False, flags)
+    assert flags.item() == 32
+    cache = reparam._forward.device_caches[torch.cuda.current_device()][0]
+    before = len(cache)
+    for seed in (0, 1, 16, 32, 2**31, 2**62 + 48):
+        reparam.reparam_forward(mu, logvar, seed, 1, False, flags)
+    assert len(cache) == before  # seed is do_not_specialize and typed int64
+
+
+def test_scale_grads_by_one_touches_nothing():
+    from fastvae.kernels import loss
+    snan = torch.full((1031, 784), 0, dtype=torch.int32, device="cuda").fill_(0x7F800001).view(torch.float32)
+    before = snan.clone()
+    loss.scale_grads(torch.tensor(1.0, device="cuda"), [snan])
+    assert torch.equal(snan.view(torch.int32), before.view(torch.int32))
+    g = torch.randn(1031, 784, device="cuda")
+    expected = g * 2.5
+    loss.scale_grads(torch.tensor(2.5, device="cuda"), [g])
+    assert torch.equal(g, expected)
+
+
+def test_decode_with_a_device_seed():
+    from fastvae.kernels import decode
+    model = fastvae.VAE(784, (400,), 20).cuda()
+    layers = [(m.weight, m.bias) for m in model.decoder.linears()]
+    a, b = torch.empty(999, 784, device="cuda"), torch.empty(999, 784, device="cuda")
+    decode.decode_mlp(layers, None, 5, 17, a)
+    decode.decode_mlp(layers, None, torch.tensor(5, device="cuda"), 17, b)
+    assert torch.equal(a, b)
