@@ -27,8 +27,10 @@ def test_smoke_suite_writes_results_chart_and_table_beside_out_only(tmp_path, ca
     doc = json.loads(out.read_text())
     for key in ("device_name", "torch", "triton", "cuda", "command", "git_commit", "date", "results", "skipped"):
         assert key in doc
-    ops = [r for r in doc["results"] if r["name"] != "reference_run"]
+    ops = [r for r in doc["results"] if r["name"] not in ("reference_run", "dropin.step")]
     assert {r["name"] for r in ops} == {"loss.fwd", "loss.fwd_bwd", "reparam.fwd", "reparam.fwd_bwd", "decode.fwd"}
+    steps = [r for r in doc["results"] if r["name"] == "dropin.step"]
+    assert steps and all(r["median_ms"] > 0 for r in steps)
     impls = {r["backend"] for r in ops}
     assert {"eager-best", "eager-seed", "torch", "torch-nochecks", "cpp", "cpp-nochecks"} <= impls
     for r in ops:
