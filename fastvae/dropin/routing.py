@@ -2,25 +2,29 @@
 
 On CUDA every fused path is taken (one kernel instead of five to ten small ones per step). On
 CPU the rule is measured (development machine: 2 cores, torch 2.13, default threads, value
-checks on as by default; min of 200 interleaved runs, forward + backward, 2026-12):
+checks on as by default; forward + backward, min of 200-300 interleaved runs, 2026-11-29,
+the C++ kernels of round 2):
 
-- sampling inside a model (the user's ``mu + randn_like(std) * exp(0.5 logvar)`` against the
-  fused sampler with the user's calls skipped): the user's code is faster at every size
-  measured, B*L = 2,560 to 1,048,576 (0.5-0.65x for fused), so the user's sampling runs on CPU.
+- sampling inside a model (the user's ``mu + randn_like(std) * std`` against the fused sampler
+  with the user's calls skipped): 95 vs 127 us at 128x20 (0.75x), 167 vs 182 us at 16,384
+  values (0.91x), 190 vs 171 us at 1024x20 (1.11x), 2.0x from 4096x128 on: fused from 20,000
+  values; below that the op's fixed cost (~90 us of autograd and dispatch) outweighs it.
 - ``binary_cross_entropy(sigmoid(l), x, reduction="sum")`` against the same loss from the
   logits: 987 -> 306 us at 128x784, 63 -> 3.8 ms at 128x12288, 269 -> 119 us at 16x784, even
   at 8x256 (94 -> 91 us); below that the Python around it costs more than it saves.
-- from the logits, fastvae's fused loss kernel against torch's binary_cross_entropy_with_logits:
-  945 vs 306 us at 128x784 and 70 vs 15 ms at 4096x784 (its value checks cost passes over the
-  data; without them 410 us and 18 ms), so on CPU the loss from logits is torch's.
+- from the logits, fastvae's fused loss kernel against torch's binary_cross_entropy_with_logits
+  (sum): 0.81x at 32x784, 0.97x at 64x784, 1.08x at 96x784, 1.18x at 128x784, 2.2x at
+  4096x784, 1.85x at 128x12288: fused from 65,536 values.
+
+``python -m benchmarks.dropin_routing`` repeats the measurement (rerun it when the kernels change).
 """
 from __future__ import annotations
 
 import torch
 
-CPU_SAMPLING_MIN: int | None = None  # B * L from which the fused sampler pays on CPU (None: never)
+CPU_SAMPLING_MIN: int | None = 20_000  # B * L from which the fused sampler pays on CPU (None: never)
 CPU_LOGITS_MIN = 2048  # values in x_hat from which the loss from logits pays on CPU
-CPU_FUSED_LOSS_MIN: int | None = None  # values from which fastvae's fused loss beats torch's BCE-with-logits on CPU
+CPU_FUSED_LOSS_MIN: int | None = 65_536  # values from which fastvae's fused loss beats torch's BCE-with-logits on CPU
 
 
 def _from(device: torch.device, numel: int, cpu_min: int | None) -> bool:
