@@ -124,16 +124,24 @@ def _bce(args, kwargs, names, kind):
     reduction = bound.get("reduction", "mean")
     if bound.get("size_average") is not None or bound.get("reduce") is not None:
         reduction = _reduction.legacy_get_string(bound.get("size_average"), bound.get("reduce"))
+    weight = bound.get("weight")
+    if kind == "logits" and not fusable(logits, target, weight, reduction):
+        return None  # already from the logits: as written, and not counted as a use (tagging it gains nothing)
     used(bound["input"])
-    return bce_from_logits(logits, target, bound.get("weight"), reduction)
+    return bce_from_logits(logits, target, weight, reduction)
+
+
+def fusable(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> bool:
+    """Whether fastvae's fused loss computes this BCE-with-logits, and is faster on this device and size."""
+    return (weight is None and reduction in ("sum", "mean") and target.shape == logits.shape and logits.dim() >= 1
+            and target.is_floating_point() and not target.requires_grad and logits.numel() > 0
+            and routing.fused_loss(logits.device, logits.numel()))
 
 
 def bce_from_logits(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
     """torch.nn.functional.binary_cross_entropy_with_logits(logits, target, weight, reduction=...),
     through fastvae's fused loss where that is faster on this device and size."""
-    if (weight is None and reduction in ("sum", "mean") and target.shape == logits.shape and logits.dim() >= 1
-            and target.is_floating_point() and not target.requires_grad and logits.numel() > 0
-            and routing.fused_loss(logits.device, logits.numel())):
+    if fusable(logits, target, weight, reduction):
         from ..ops.loss import loss_terms
 
         flat = logits.reshape(logits.shape[0] if logits.dim() > 1 else 1, -1)

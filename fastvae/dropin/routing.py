@@ -14,7 +14,9 @@ the C++ kernels of round 2):
   at 8x256 (94 -> 91 us); below that the Python around it costs more than it saves.
 - from the logits, fastvae's fused loss kernel against torch's binary_cross_entropy_with_logits
   (sum): 0.81x at 32x784, 0.97x at 64x784, 1.08x at 96x784, 1.18x at 128x784, 2.2x at
-  4096x784, 1.85x at 128x12288: fused from 65,536 values.
+  4096x784, 1.85x at 128x12288. In a training step the tagged output's hooks eat that gain at
+  small sizes (distributions_mlp, interleaved steps: 0.98x at batch 128, 1.02-1.04x at 1024):
+  fused from 262,144 values (batch 335 x 784).
 
 ``python -m benchmarks.dropin_routing`` repeats the measurement (rerun it when the kernels change).
 """
@@ -24,7 +26,7 @@ import torch
 
 CPU_SAMPLING_MIN: int | None = 20_000  # B * L from which the fused sampler pays on CPU (None: never)
 CPU_LOGITS_MIN = 2048  # values in x_hat from which the loss from logits pays on CPU
-CPU_FUSED_LOSS_MIN: int | None = 65_536  # values from which fastvae's fused loss beats torch's BCE-with-logits on CPU
+CPU_FUSED_LOSS_MIN: int | None = 262_144  # values from which fastvae's fused loss beats torch's BCE-with-logits on CPU
 
 
 def _from(device: torch.device, numel: int, cpu_min: int | None) -> bool:
