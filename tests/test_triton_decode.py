@@ -116,7 +116,7 @@ def test_other_decoders_use_the_image_tail(returns_logits, out_dtype, monkeypatc
         assert torch.equal(got, quantize_reference(probs))
     else:
         torch.testing.assert_close(got.double(), probs, rtol=1e-6, atol=1e-7)
-    assert calls == [returns_logits] * 3
+    assert calls == ([returns_logits] * 3 if out_dtype == torch.uint8 else [])  # a float output is torch's sigmoid alone
 
 
 def test_to_image_extremes(poisoned):

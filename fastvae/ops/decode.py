@@ -36,6 +36,9 @@ def quantize_reference(p: torch.Tensor) -> torch.Tensor:
 
 
 def to_image_reference(values: torch.Tensor, out: torch.Tensor, from_logits: bool) -> None:
+    if from_logits and out.dtype == values.dtype:  # float output: one sigmoid, straight into `out`
+        torch.sigmoid(values, out=out)
+        return
     p = torch.sigmoid(values) if from_logits else values
     out.copy_(quantize_reference(p) if out.dtype == torch.uint8 else p)
 
@@ -156,7 +159,8 @@ def decode_latents(
             if out is None:
                 out = torch.empty(total, values.shape[1], dtype=out_dtype, device=values.device)
             target = out[start:start + rows]
-            tail = getattr(impl, "to_image", None)
+            # the kernels' tail fuses sigmoid and uint8 quantisation; a float output is torch's (vectorised) sigmoid alone
+            tail = getattr(impl, "to_image", None) if out_dtype == torch.uint8 else None
             if tail is None:
                 to_image_reference(values, target, from_logits)
             else:
