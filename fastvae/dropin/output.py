@@ -125,10 +125,13 @@ def _bce(args, kwargs, names, kind):
     if bound.get("size_average") is not None or bound.get("reduce") is not None:
         reduction = _reduction.legacy_get_string(bound.get("size_average"), bound.get("reduce"))
     weight = bound.get("weight")
-    if kind == "logits" and not fusable(logits, target, weight, reduction):
+    fused = fusable(logits, target, weight, reduction)
+    if kind == "logits" and not fused:
         return None  # already from the logits: as written, and not counted as a use (tagging it gains nothing)
     used(bound["input"])
-    return bce_from_logits(logits, target, weight, reduction)
+    if fused:
+        return fused_bce(logits, target, reduction)
+    return F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction=reduction)
 
 
 def fusable(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> bool:
@@ -138,14 +141,12 @@ def fusable(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | N
             and routing.fused_loss(logits.device, logits.numel()))
 
 
-def bce_from_logits(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
-    """torch.nn.functional.binary_cross_entropy_with_logits(logits, target, weight, reduction=...),
-    through fastvae's fused loss where that is faster on this device and size."""
-    if fusable(logits, target, weight, reduction):
-        from ..ops.loss import loss_terms
+def fused_bce(logits: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
+    """binary_cross_entropy_with_logits(logits, target, reduction=...) ("sum" or "mean") through
+    fastvae's fused loss, with no latent term (``fusable`` says when)."""
+    from ..ops.loss import loss_terms
 
-        flat = logits.reshape(logits.shape[0] if logits.dim() > 1 else 1, -1)
-        zeros = flat.new_zeros(flat.shape[0], 1)  # no latent term: beta = 0
-        total = loss_terms(flat, target.reshape(flat.shape), zeros, zeros, beta=0.0, reduction="sum").loss
-        return total if reduction == "sum" else total / logits.numel()
-    return F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction=reduction)
+    flat = logits.reshape(logits.shape[0] if logits.dim() > 1 else 1, -1)
+    zeros = flat.new_zeros(flat.shape[0], 1)  # no latent term: beta = 0
+    total = loss_terms(flat, target.reshape(flat.shape), zeros, zeros, beta=0.0, reduction="sum").loss
+    return total if reduction == "sum" else total / logits.numel()
