@@ -12,7 +12,8 @@ Backend interface (both optional):
         `seed`, element offset start * latent_dim); ``out`` is float or uint8. With ``tensor_seed =
         True`` `seed` may be a 0-dim int64 tensor on the device (unseeded CUDA calls pass one).
     to_image(values, out, from_logits: bool) -> None
-        the elementwise tail: sigmoid (if logits) and, for uint8 ``out``, quantisation.
+        the elementwise tail into uint8 ``out``: sigmoid (if logits) and quantisation in one pass
+        (a float ``out`` is torch.sigmoid's, written straight into it: nothing to fuse).
 """
 from __future__ import annotations
 
