@@ -328,7 +328,7 @@ inline const float* normals(uint64_t seed, uint64_t offset, int64_t n, float* bu
 #include <ATen/Version.h>
 
 namespace fastvae::cpu {
-// -1: ATen's CPU capability decides; 0 / 1 force the baseline / AVX2 copy (tests: fastvae._C._cpu_isa).
+// -1: ATen's CPU capability decides; 0 / 1 force the baseline / AVX2 copy (tests: fastvae._C._force_isa).
 inline std::atomic<int> isa_override{-1};
 
 // Whether to run the AVX2 copy of the kernels on this CPU.
@@ -343,11 +343,11 @@ inline bool use_avx2() {
 }
 }  // namespace fastvae::cpu
 
-// Run kernel `fn` (a template in both ISA namespaces) on `args`, in the copy this CPU supports.
+// Run kernel `fn` (defined in both ISA namespaces) on its arguments, in the copy this CPU supports.
 #if FASTVAE_HAVE_AVX2_COPY
-#define FASTVAE_CPU_RUN(fn, args) \
-  (::fastvae::cpu::use_avx2() ? ::fastvae::cpu::avx2::fn(args) : ::fastvae::cpu::base::fn(args))
+#define FASTVAE_CPU_RUN(fn, ...) \
+  (::fastvae::cpu::use_avx2() ? ::fastvae::cpu::avx2::fn(__VA_ARGS__) : ::fastvae::cpu::base::fn(__VA_ARGS__))
 #else
-#define FASTVAE_CPU_RUN(fn, args) ::fastvae::cpu::base::fn(args)
+#define FASTVAE_CPU_RUN(fn, ...) ::fastvae::cpu::base::fn(__VA_ARGS__)
 #endif
 #endif

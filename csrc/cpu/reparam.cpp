@@ -187,13 +187,7 @@ std::tuple<at::Tensor, at::Tensor> reparam_backward(const at::Tensor& grad_z, co
 at::Tensor philox_words(int64_t seed, int64_t first, int64_t counters) {
   TORCH_CHECK(seed >= 0 && first >= 0 && counters >= 0, "fastvae: philox_words needs non-negative arguments");
   auto out = at::empty({counters, 4}, at::kLong);
-#if FASTVAE_HAVE_AVX2_COPY
-  if (use_avx2()) {
-    avx2::philox_words(static_cast<uint64_t>(seed), static_cast<uint64_t>(first), counters, out.data_ptr<int64_t>());
-    return out;
-  }
-#endif
-  base::philox_words(static_cast<uint64_t>(seed), static_cast<uint64_t>(first), counters, out.data_ptr<int64_t>());
+  FASTVAE_CPU_RUN(philox_words, static_cast<uint64_t>(seed), static_cast<uint64_t>(first), counters, out.data_ptr<int64_t>());
   return out;
 }
 

@@ -4,12 +4,17 @@
 
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include "../flags.h"
 #include "kernels.h"
 
 namespace fastvae::cuda {
 
 constexpr unsigned kFullMask = 0xffffffffu;
+
+template <typename T>
+using Acc = std::conditional_t<sizeof(T) == 8, double, float>;  // the accumulation type
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {

@@ -15,9 +15,6 @@
 namespace fastvae::cuda {
 namespace {
 
-template <typename T>
-using Acc = std::conditional_t<sizeof(T) == 8, double, float>;
-
 // uint8 target / 255 as the reference's x.to(dtype) / 255. float: the reciprocal and one FMA
 // correction, equal to the correctly rounded quotient for all 256 values (tests/test_cpp_ops.py).
 template <typename A>
@@ -65,7 +62,6 @@ __global__ void loss_forward_kernel(
   constexpr bool kFloatX = sizeof(X) == sizeof(T);
   constexpr int U = kFloatX ? 4 : 16;  // elements per lane per step on the vector path
   const A beta = A(beta_ptr != nullptr ? __ldg(beta_ptr) : beta_value), kl_scale = A(scale) * beta;
-  const bool check = flags != nullptr;
   const int lane = threadIdx.x & 31;
   int bits = 0;
   for (int64_t r = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5); r < rows; r += int64_t(gridDim.x) * kWarps) {
@@ -120,7 +116,7 @@ __global__ void loss_forward_kernel(
       kl[r] = T(A(-0.5) * kl_acc);
     }
   }
-  commit_flags(check ? bits : 0, flags);
+  commit_flags(bits, flags);
 }
 
 template <typename T, typename G>
@@ -164,9 +160,9 @@ cudaError_t launch_loss_forward(const T* logits, const X* x, const T* mu, const 
                                 cudaStream_t stream) {
   constexpr int64_t unit = sizeof(X) == sizeof(T) ? 4 : 16;
   const bool vec = dim % unit == 0 && aligned16(logits) && aligned16(x) && aligned16(grad_logits);
-  const unsigned int blocks = static_cast<unsigned int>(std::min<int64_t>((rows + kWarps - 1) / kWarps, int64_t(1) << 20));
+  const unsigned int blocks = grid_for(rows * 32, int64_t(1) << 20);  // a warp per row
   auto launch = [&](auto kernel) {
-    kernel<<<std::max(blocks, 1u), kThreads, 0, stream>>>(logits, x, mu, logvar, recon, kl, grad_logits, grad_mu,
+    kernel<<<blocks, kThreads, 0, stream>>>(logits, x, mu, logvar, recon, kl, grad_logits, grad_mu,
                                                          grad_logvar, rows, dim, latent, beta_ptr, beta, scale, flags, vec);
   };
   if (gaussian) launch(loss_forward_kernel<T, X, true>); else launch(loss_forward_kernel<T, X, false>);

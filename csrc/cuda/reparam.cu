@@ -17,9 +17,6 @@
 namespace fastvae::cuda {
 namespace {
 
-template <typename T>
-using Acc = std::conditional_t<sizeof(T) == 8, double, float>;
-
 __device__ __forceinline__ uint64_t read_seed(const int64_t* seed_ptr, uint64_t seed) {
   return seed_ptr != nullptr ? static_cast<uint64_t>(__ldg(seed_ptr)) : seed;
 }
