@@ -149,15 +149,15 @@ def reparam_forward(mu: torch.Tensor, logvar: torch.Tensor, seed: int | torch.Te
     """
     B, L = mu.shape
     z = torch.empty((k, B, L), dtype=mu.dtype, device=mu.device)
-    kl = torch.empty(B if need_kl else 0, dtype=torch.float64 if mu.dtype == torch.float64 else torch.float32, device=mu.device)
+    kl = torch.empty(B, dtype=torch.float64 if mu.dtype == torch.float64 else torch.float32, device=mu.device) if need_kl else None
     if B == 0 or L == 0:
         return z, (kl.zero_() if need_kl else None)
     cfg = config(B, L, mu.dtype).override(BLOCK_R=block_rows, BLOCK_L=block_cols, BLOCK_G=block_groups)
-    seed_ptr, seed_val, seed_is_ptr = seed_args(seed, kl if need_kl else z)
+    seed_ptr, seed_val, seed_is_ptr = seed_args(seed, z)
     launch(_forward, (triton.cdiv(B, cfg.blocks["BLOCK_R"]),), mu, logvar, z, kl if need_kl else z, flags if flags is not None else z,
            seed_ptr, seed_val, B, L, k, config=cfg, SEED_PTR=seed_is_ptr, NEED_KL=need_kl, CHECK=flags is not None,
            ALIGNED=_aligned(B, L, k), ACC=acc_dtype(mu))
-    return z, (kl if need_kl else None)
+    return z, kl
 
 
 def reparam_backward(grad_z: torch.Tensor, grad_kl: torch.Tensor | None, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor,
