@@ -65,7 +65,6 @@ BACKGROUND = {
 ORDER = ["environment", "extension-build", "warm-up", *list(STEPS)[1:]]
 TIMED = {"bandwidth", "reference-run", "suite"}
 NEEDS_CUDA = {"graph-engine": "needs CUDA (graph capture)"}
-STATUSES = ("passed", "failed", "error", "timeout", "skipped", "not-run", "running")  # "running": only in files written mid-run
 
 
 @dataclass

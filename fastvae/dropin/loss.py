@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks
-from ..ops.loss import loss_terms, target_values
+from ..ops.loss import _reduce, loss_terms, target_values
 from ..ops.reparam import kl_rows_reference
 from .output import DecoderOutput, logits_of, used
 
@@ -60,6 +60,4 @@ def vae_loss(x_hat: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: tor
             raise ValueError("x (targets) must lie in [0, 1] for binary cross-entropy; scale the data to [0, 1]")
         rows = F.binary_cross_entropy(probs, target, reduction="none").sum(-1)
         rows = rows + beta * kl_rows_reference(_checks.accumulate(mu), _checks.accumulate(logvar))
-    if reduction == "none":
-        return rows
-    return rows.sum() / rows.shape[0] if reduction == "mean" else rows.sum()
+    return _reduce(rows, reduction)

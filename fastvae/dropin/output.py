@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn import _reduction
 
+from ..ops.loss import loss_terms
 from . import routing
 
 _VIEWS = {torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.flatten, torch.Tensor.unflatten, torch.Tensor.view_as,
@@ -144,8 +145,6 @@ def fusable(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | N
 def fused_bce(logits: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
     """binary_cross_entropy_with_logits(logits, target, reduction=...) ("sum" or "mean") through
     fastvae's fused loss, with no latent term (``fusable`` says when)."""
-    from ..ops.loss import loss_terms
-
     flat = logits.reshape(logits.shape[0] if logits.dim() > 1 else 1, -1)
     zeros = flat.new_zeros(flat.shape[0], 1)  # no latent term: beta = 0
     total = loss_terms(flat, target.reshape(flat.shape), zeros, zeros, beta=0.0, reduction="sum").loss

@@ -84,7 +84,6 @@ class Plan:
     sampling: Sampling
     outputs: list[Output]
     windows: list[Window]
-    input_shapes: list[tuple]
 
     def describe(self) -> str:
         """What was found and what runs fused, in words."""
@@ -370,5 +369,4 @@ def analyse(trace: Trace) -> Plan:
     sampling = Sampling(site.form, g.describe(site.mu), g.describe(site.scale), g.describe(site.z), g.describe(site.eps),
                         tuple(trace.values[site.mu].tensor.shape), not reason, reason,
                         [] if reason else [f"{short(trace.calls[c].key)} at {trace.calls[c].where}" for c in sorted(skip)])
-    shapes = [tuple(trace.values[v].tensor.shape) for _, v in trace.inputs]
-    return Plan(sampling, outputs, _windows(g, actions), shapes)
+    return Plan(sampling, outputs, _windows(g, actions))

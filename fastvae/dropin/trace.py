@@ -101,7 +101,7 @@ class Value:
     """One tensor value: what produced it (a call index, or None for inputs, parameters, constants)."""
 
     vid: int
-    tensor: torch.Tensor
+    tensor: torch.Tensor  # held for the whole record, so ids stay unique
     producer: int | None
     origin: str  # "call", "input", "parameter", "buffer" or "other"
     snapshot: torch.Tensor | None = None
@@ -134,7 +134,6 @@ class Trace:
         self.values: list[Value] = []
         self.events: list[tuple[str, Any]] = []  # ("call", index) | ("enter", module name) | ("exit", module name)
         self.current: dict[int, int] = {}  # id(tensor) -> its latest value
-        self.keep: list[torch.Tensor] = []  # keeps recorded tensors alive, so ids stay unique
         self.stack: list[str] = []
         self.inputs: list[tuple[tuple, int]] = []  # (path in (args, kwargs), value)
         self.outputs: list[tuple[tuple, int]] = []  # (path in the returned structure, value)
@@ -150,7 +149,6 @@ class Trace:
         vid = len(self.values)
         self.values.append(Value(vid, t, producer, origin))
         self.current[id(t)] = vid
-        self.keep.append(t)
         return vid
 
     def record(self, func: Any, args: tuple, kwargs: dict) -> Any:
@@ -174,7 +172,7 @@ class Trace:
 
     def drop(self) -> None:
         """Release every recorded tensor."""
-        self.calls, self.values, self.keep, self.current = [], [], [], {}
+        self.calls, self.values, self.current = [], [], {}
 
 
 class Recorder(TorchFunctionMode):
