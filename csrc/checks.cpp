@@ -137,4 +137,53 @@ void check_scale_grads(const at::Tensor& grad_out, at::TensorList grads, at::Dev
   }
 }
 
+void check_bias_grad(const at::Tensor& grad, const OptTensor& relu_out, const at::Tensor& out, at::DeviceType device) {
+  check_tensor("grad", grad, device);
+  check_float("grad", grad);
+  TORCH_CHECK(grad.dim() == 2, "fastvae: grad must be (batch, features), got ", grad.sizes());
+  if (relu_out.has_value() && relu_out->defined()) {
+    check_tensor("relu_out", *relu_out, device);
+    TORCH_CHECK(relu_out->sizes() == grad.sizes() && relu_out->scalar_type() == grad.scalar_type(),
+                "fastvae: relu_out must have grad's shape and dtype, got ", relu_out->sizes(), " ", relu_out->scalar_type());
+  }
+  check_tensor("out", out, device);
+  TORCH_CHECK(out.dim() == 1 && out.size(0) == grad.size(1) && out.scalar_type() == grad.scalar_type(),
+              "fastvae: out must be (", grad.size(1), ",) of grad's dtype, got ", out.sizes(), " ", out.scalar_type());
+}
+
+void check_mlp_step(const at::Tensor& x, at::TensorList weights, at::TensorList biases, at::TensorList grad_weights,
+                    at::TensorList grad_biases, int64_t encoder_layers, at::DeviceType device) {
+  const int64_t n = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(static_cast<int64_t>(biases.size()) == n && static_cast<int64_t>(grad_weights.size()) == n &&
+                  static_cast<int64_t>(grad_biases.size()) == n,
+              "fastvae: mlp_step needs as many biases and gradients as weights");
+  TORCH_CHECK(encoder_layers >= 0 && encoder_layers + 2 <= n, "fastvae: mlp_step: encoder_layers must leave the heads and a ",
+              "decoder layer, got ", encoder_layers, " of ", n, " layers");
+  check_tensor("x", x, device);
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1, "fastvae: x must be a non-empty (batch, features), got ", x.sizes());
+  const at::ScalarType dtype = weights[0].scalar_type();
+  TORCH_CHECK(x.scalar_type() == at::kByte || x.scalar_type() == dtype, "fastvae: x must be uint8 or the weights' dtype");
+  const int64_t E = encoder_layers, L2 = weights[E].size(0);
+  TORCH_CHECK(L2 % 2 == 0, "fastvae: the heads' weight must hold mu's and logvar's rows, got ", weights[E].sizes());
+  int64_t width = x.size(1);
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& w = weights[i];
+    check_tensor("weights[i]", w, device);
+    check_float("weights[i]", w);
+    if (i == E + 1) width = L2 / 2;
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == width && w.scalar_type() == dtype, "fastvae: weights[", i, "] must be (out, ", width,
+                ") of ", dtype, ", got ", w.sizes(), " ", w.scalar_type());
+    for (const at::Tensor* t : {&biases[i], &grad_biases[i]}) {
+      check_tensor("biases[i]", *t, device);
+      TORCH_CHECK(t->dim() == 1 && t->size(0) == w.size(0) && t->scalar_type() == dtype, "fastvae: biases[", i, "] must be (",
+                  w.size(0), ",) of ", dtype);
+    }
+    check_tensor("grad_weights[i]", grad_weights[i], device);
+    TORCH_CHECK(grad_weights[i].sizes() == w.sizes() && grad_weights[i].scalar_type() == dtype, "fastvae: grad_weights[", i,
+                "] must have weights[", i, "]'s shape and dtype");
+    width = w.size(0);
+  }
+  TORCH_CHECK(width == x.size(1), "fastvae: the last layer must have x's ", x.size(1), " features, got ", width);
+}
+
 }  // namespace fastvae

@@ -174,13 +174,44 @@ class _Decode:
         torch.ops.fastvae.to_image(values, out, bool(from_logits))
 
 
-_OPS = {"reparam": _Reparam, "loss": _Loss, "decode": _Decode}
+class _BiasGrad:
+    """fastvae.ops.bias_grad's backend interface (CPU kernel)."""
+
+    @staticmethod
+    def unsupported(grad: torch.Tensor) -> str | None:
+        return _dtype_reason(grad)
+
+    @staticmethod
+    def bias_grad(grad: torch.Tensor, relu_out: torch.Tensor | None, out: torch.Tensor) -> None:
+        torch.ops.fastvae.bias_grad(grad, relu_out, out)
+
+
+class _MLPStep:
+    """fastvae.step's whole-step op (CPU): forward, fused loss and backward of fastvae.VAE's MLP in one call."""
+
+    @staticmethod
+    def unsupported(x: torch.Tensor) -> str | None:
+        return _dtype_reason(x)
+
+    @staticmethod
+    def mlp_step(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], grad_weights: list[torch.Tensor],
+                 grad_biases: list[torch.Tensor], encoder_layers: int, seed: int, beta: float, likelihood: str,
+                 flags: torch.Tensor | None) -> torch.Tensor:
+        """[loss, recon, kl] summed over the batch; the gradients written into grad_weights / grad_biases."""
+        return torch.ops.fastvae.mlp_step(x, weights, biases, grad_weights, grad_biases, encoder_layers, seed, float(beta),
+                                          likelihood == "gaussian", flags)
+
+
+_OPS = {"reparam": _Reparam, "loss": _Loss, "decode": _Decode, "bias_grad": _BiasGrad, "mlp_step": _MLPStep}
+CPU_ONLY = ("bias_grad", "mlp_step")  # the training step's pieces: CUDA runs them as PyTorch calls and Triton kernels
 
 
 def load_ops(op: str, device: str) -> Any:
-    """The implementation of `op` ("reparam", "loss", "decode") for `device` ("cpu" or "cuda")."""
+    """The implementation of `op` (a key of ``_OPS``) for `device` ("cpu" or "cuda")."""
     if op not in _OPS:
         raise ValueError(f"op must be one of {tuple(_OPS)}, got {op!r}")
+    if device == "cuda" and op in CPU_ONLY:
+        raise RuntimeError(f"the CUDA kernels do not implement {op}")
     if device == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"torch {torch.__version__} has no usable CUDA (torch.cuda.is_available() is False)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-OPS = ("reparam", "loss", "decode")
+OPS = ("reparam", "loss", "decode", "bias_grad")
 
 
 def load_kernels(op: str) -> ModuleType:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import _checks, checkpoint, distributed, graphs
+from . import _checks, checkpoint, distributed, graphs, mlp_step
 from .iwae import iwae_terms
 from .schedules import SCHEDULES, kl_weight
 
@@ -139,7 +139,7 @@ class Trainer:
             raise ValueError(f"amp=True is not supported for {type(model).__name__}, which makes its own updates (training_step); drop --amp")
         self.out_dir = Path(out_dir) if out_dir is not None else None
         make_optimizer = getattr(model, "make_optimizer", None)  # models with their own training_step (AAE)
-        self.optimizer = make_optimizer(self.config.lr) if make_optimizer else _adam(self.model.parameters(), self.config.lr, self.device)
+        self.optimizer = make_optimizer(self.config.lr) if make_optimizer else mlp_step.make_optimizer(self.model, self.config.lr, flat=not distributed.active())
         self.generator = torch.Generator(device=self.device)
         if self.config.seed is not None:
             torch.manual_seed(self.config.seed)
@@ -157,6 +157,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, float]] = []
         self._graph: graphs.GraphStep | None = None
+        self._fused: mlp_step.MLPStep | None = None  # the hand-written step, where it covers the model
 
     @property
     def steps_per_epoch(self) -> int:
@@ -191,12 +192,13 @@ class Trainer:
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             _trim_metrics(self.out_dir / METRICS, self.step)
-        self._graph = graphs.engine(self)
         # The data was validated once (prepare_data): no separate Python value passes per step. The fused kernels'
         # flags stay on (they cost nothing) and are read at every logging step (_check_values), on CPU too.
         self._checked_step = self.step
         _checks.clear_flags(self.device)  # only this run's steps are reported
-        with _checks.python_passes(False), _checks.deferred(), graphs.tf32(self.config.tf32):
+        with _checks.python_passes(False), _checks.deferred(), graphs.tf32(self.config.tf32), mlp_step.packed(self.optimizer):
+            self._fused = mlp_step.engine(self)
+            self._graph = graphs.engine(self)
             while self.epoch < self.config.epochs:
                 self.history.append(self._epoch())
                 self.epoch += 1
@@ -226,6 +228,8 @@ class Trainer:
                 terms = self._graph.step(rows)  # the whole step, the update included (so checked after it)
             elif custom_step is not None:
                 terms = custom_step(self.data[rows], self.optimizer, beta=beta, **condition)
+            elif self._fused is not None:
+                terms = self._fused.step(torch.index_select(self.data, 0, rows), beta)  # the update included
             else:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.amp):
                     terms, objective = self._objective(rows, beta, condition)
@@ -233,7 +237,7 @@ class Trainer:
                 objective.backward()
             if c.check_finite and not bool(torch.isfinite(terms.loss)):
                 raise FloatingPointError(f"the loss became {terms.loss.item()} at step {self.step} (epoch {self.epoch + 1}); lower lr, check the data, or resume from the last checkpoint")
-            if custom_step is None and self._graph is None:
+            if custom_step is None and self._graph is None and self._fused is None:
                 self.optimizer.step()
             window += torch.stack([terms.loss.detach(), terms.recon, terms.kl]).to(torch.float64)
             self.step += 1
@@ -305,12 +309,3 @@ def _trim_metrics(path: Path, step: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)
-
-
-def _adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
-    """Adam, the fused implementation where this torch offers it for the device."""
-    params = list(params)
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, lr=lr)
