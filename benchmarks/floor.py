@@ -12,7 +12,9 @@ process's threads: nothing else a step could avoid. The floor of a run of S step
 
 ``interleaved`` alternates one Trainer epoch with the floor of the same number of steps, round
 after round, so that both see the same machine (the cores are shared); the ratio of each pair
-and their minimum and median are what to report (``python -m benchmarks.run --parts floor``).
+and their minimum and median are what to report (``python -m benchmarks.run --parts floor``,
+``run`` makes its record; the reference part's 10-epoch run is also divided by the floor in the
+report).
 """
 from __future__ import annotations
 
@@ -99,3 +101,17 @@ def interleaved(images: torch.Tensor, rounds: int = 5, batch: int = 128, device:
             "ratio_median": statistics.median(ratios), "ratio_of_minima": min(epoch_s) / min(floor_s),
             "gflops_floor": floor.flops * steps / min(floor_s) / 1e9, "gflop_per_step": floor.flops / 1e9,
             "products_per_step": len(floor.calls), "threads": torch.get_num_threads(), "final_loss": history[-1]["loss"]}
+
+
+def run(rounds: int = 7, samples: int | None = None, batch: int = 128, device: str = "cpu", data_dir: str | None = None) -> dict:
+    """The floor part of ``benchmarks.run``: a results record of ``interleaved`` on the first `samples` Fashion-MNIST
+    training images (all by default)."""
+    import fastvae
+
+    images = fastvae.data.load("fashion-mnist", "train", root=data_dir).images
+    images = images[:samples] if samples else images
+    out = interleaved(images, rounds=rounds, batch=batch, device=device)
+    step_ms, floor_ms = (min(v) / out["steps_per_epoch"] * 1e3 for v in (out["epoch_s"], out["floor_s"]))
+    return {"name": "floor", "backend": "fastvae", "shape": [len(images), 784, 20], "dtype": "float32", "device": device,
+            "batch_size": batch, "rounds": rounds, "median_ms": step_ms, "step_ms": step_ms, "floor_ms": floor_ms,
+            "gbps": None, "peak_mem_mb": None, **out}

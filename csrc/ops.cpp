@@ -18,9 +18,6 @@ TORCH_LIBRARY(fastvae, m) {
         " bool need_grad, float scale, Tensor(a!)? flags) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("scale_grads(Tensor grad_out, Tensor(a!)[] grads) -> ()");
   m.def("to_image(Tensor values, Tensor(a!) out, bool from_logits) -> ()");
-  m.def("bias_grad(Tensor(a!) grad, Tensor? relu_out, Tensor(b!) out) -> ()");
-  m.def("mlp_step(Tensor x, Tensor[] weights, Tensor[] biases, Tensor(a!)[] grad_weights, Tensor(b!)[] grad_biases,"
-        " int encoder_layers, int seed, float beta, bool gaussian, Tensor(c!)? flags) -> Tensor");
 }
 
 #define FASTVAE_IMPL(ns)                             \
@@ -30,11 +27,7 @@ TORCH_LIBRARY(fastvae, m) {
   m.impl("scale_grads", &ns::scale_grads);           \
   m.impl("to_image", &ns::to_image);
 
-TORCH_LIBRARY_IMPL(fastvae, CPU, m) {
-  FASTVAE_IMPL(fastvae::cpu)
-  m.impl("bias_grad", &fastvae::cpu::bias_grad);
-  m.impl("mlp_step", &fastvae::cpu::mlp_step);
-}
+TORCH_LIBRARY_IMPL(fastvae, CPU, m) { FASTVAE_IMPL(fastvae::cpu) }
 
 #ifdef FASTVAE_WITH_CUDA
 TORCH_LIBRARY_IMPL(fastvae, CUDA, m) { FASTVAE_IMPL(fastvae::cuda) }

@@ -41,11 +41,6 @@ const double* beta_pointer(const OptTensor& beta_t, const at::Device& device);
 int32_t* flag_word(const OptTensor& flags, const at::Device& device);
 // scale_grads' arguments: grad_out 0-dim or (B,) of a float dtype; every grad (B, ...) contiguous.
 void check_scale_grads(const at::Tensor& grad_out, at::TensorList grads, at::DeviceType device);
-// bias_grad's arguments: grad (B, N) and relu_out (B, N) or none, out (N,), contiguous, one float dtype.
-void check_bias_grad(const at::Tensor& grad, const OptTensor& relu_out, const at::Tensor& out, at::DeviceType device);
-// mlp_step's arguments: layers chained from x's features through the heads (2L rows) and back, one dtype.
-void check_mlp_step(const at::Tensor& x, at::TensorList weights, at::TensorList biases, at::TensorList grad_weights,
-                    at::TensorList grad_biases, int64_t encoder_layers, at::DeviceType device);
 
 #define FASTVAE_OP_DECLARATIONS                                                                                     \
   std::tuple<at::Tensor, at::Tensor> reparam_forward(const at::Tensor& mu, const at::Tensor& logvar,                \
@@ -63,13 +58,6 @@ void check_mlp_step(const at::Tensor& x, at::TensorList weights, at::TensorList 
 
 namespace cpu {
 FASTVAE_OP_DECLARATIONS
-// The training step's pieces, CPU only (fastvae/step.py runs them as PyTorch calls elsewhere).
-void bias_grad(at::Tensor& grad, const OptTensor& relu_out, at::Tensor& out);
-// layers: the encoder's `encoder_layers` hidden layers, the heads ([mu; logvar] rows), the decoder's;
-// returns [loss, recon, kl] summed over the batch and writes every gradient into grad_weights/grad_biases.
-at::Tensor mlp_step(const at::Tensor& x, at::TensorList weights, at::TensorList biases, at::TensorList grad_weights,
-                    at::TensorList grad_biases, int64_t encoder_layers, int64_t seed, double beta, bool gaussian,
-                    const OptTensor& flags);
 // Test hooks (fastvae._C): the Philox words (counters, 4) as the running CPU copy computes them, and
 // which copy runs (-1: by CPU capability, 0: baseline, 1: AVX2 where the CPU has it).
 at::Tensor philox_words(int64_t seed, int64_t first, int64_t counters);

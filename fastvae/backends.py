@@ -222,7 +222,7 @@ def backends() -> dict[str, dict[str, Any]]:
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     report: dict[str, dict[str, Any]] = {}
-    for op in ("reparam", "loss", "decode"):
+    for op in ("reparam", "loss", "decode", "bias_grad", "mlp_step"):  # the last two: fastvae.mlp_step's training step
         status = {b: "available" if b == "torch" or load(op, b) is not None else _errors.get((op, b), "not implemented") for b in BACKENDS}
         report[op] = {"backends": status, "active": {dev: _active(op, dev) for dev in devices}, "routing": routing(op)}
     return report

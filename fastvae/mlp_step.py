@@ -6,7 +6,7 @@ step calls the matrix products and the fused kernels directly, on buffers alloca
 batch size, and writes every gradient straight into the optimizer's flat gradient buffer
 (``fastvae.arena.FlatAdam``), whose update is then one fused call:
 
-    forward   x (uint8)  -> float, the 1/255 folded into the first product's alpha
+    forward   x (uint8)  -> x / 255 in float (one pass; the C++ op folds the 1/255 into the first product)
               h = relu(x W1^T + b1) ...          one addmm + ReLU (torch._addmm_activation) per layer
               [mu | logvar] = h [Wmu; Wlogvar]^T + [bmu; blogvar]   one product: the heads are stored
                                                  back to back in the arena (state_dict names unchanged)
@@ -18,10 +18,12 @@ batch size, and writes every gradient straight into the optimizer's flat gradien
               beta * the KL gradient), the heads' and encoder's products likewise
     update    FlatAdam.flat_step: one fused Adam over all parameters
 
-On the CPU the whole forward and backward is one C++ op (``torch.ops.fastvae.mlp_step``, the
-cpp backend's "mlp_step"): one call from Python per step instead of forty. Elsewhere it runs as
-the PyTorch calls above, which is also what a CUDA graph captures (fastvae.graphs): 25 kernel
-launches for the reference model (tests/test_graphs.py counts them).
+On the CPU the whole step, Adam included, is one C++ op (``torch.ops.fastvae.mlp_step``, the
+cpp backend's "mlp_step", csrc/cpu/mlp_step.cpp): one call from Python per step instead of forty,
+the products straight to the BLAS, and each layer's Adam update run as soon as its gradients are
+final (its parameters still in cache). Elsewhere it runs as the PyTorch calls above, which is
+also what a CUDA graph captures (fastvae.graphs): 25 kernel launches for the reference model
+(tests/test_graphs.py counts them, and models the bytes the kernels other than the products move).
 
 It covers fastvae.VAE (any hidden_dims, Bernoulli or Gaussian) trained on the ELBO with fused
 kernels active (not backend="torch"), float32 or float64, no autocast, one process; ``unsupported``
@@ -38,8 +40,8 @@ import torch
 from torch import nn
 
 from . import _checks
-from .backends import pick
 from .arena import FlatAdam
+from .backends import pick
 from .ops import bias_grad
 from .ops.loss import LossTerms
 from .ops.reparam import new_seed
@@ -100,7 +102,7 @@ def unsupported(run: Run) -> str | None:
     if c.objective != "elbo" or c.amp or run.shard is not None or run.labels is not None:
         return "it trains the ELBO in one process without autocast"
     opt = run.optimizer
-    if not isinstance(opt, FlatAdam) or not opt._packed or opt.param_groups[0]["amsgrad"]:
+    if not isinstance(opt, FlatAdam) or not opt._packed or opt.param_groups[0]["amsgrad"] or opt.param_groups[0]["maximize"]:
         return "the optimizer is not a packed FlatAdam"
     probe = torch.empty(1, 1, dtype=model.dtype, device=opt.flat.device)
     for op, args in (("reparam", 2), ("loss", 4)):
@@ -135,14 +137,6 @@ class _Workspace:
     beta: float | None = None  # the value these buffers hold
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, alpha: float) -> None:
-    """out = alpha * a @ b."""
-    if alpha == 1.0:
-        torch.mm(a, b, out=out)
-    else:
-        torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)
-
-
 class MLPStep:
     """Training steps of a fastvae.VAE whose optimizer is a packed FlatAdam (see the module docstring).
 
@@ -165,11 +159,12 @@ class MLPStep:
         self._reparam = pick("reparam", model.backend, probe, probe)[1]
         self._loss = pick("loss", model.backend, probe, probe, probe, probe)[1]
         self._bias_grad = bias_grad.implementation(model.backend, probe)
-        self._whole = pick("mlp_step", model.backend, probe)[1]  # the step as one op (the cpp backend)
-        self._layers = ([m.weight for m in self.enc] + [self.w_heads] + [m.weight for m in self.dec],
-                        [m.bias for m in self.enc] + [self.b_heads] + [m.bias for m in self.dec])
-        self._layer_grads = ([self.grad[id(m.weight)] for m in self.enc] + [self.gw_heads] + [self.grad[id(m.weight)] for m in self.dec],
-                             [self.grad[id(m.bias)] for m in self.enc] + [self.gb_heads] + [self.grad[id(m.bias)] for m in self.dec])
+        self._whole = pick("mlp_step", model.backend, probe)[1]  # the whole step as one op (the cpp backend)
+        at = optimizer._offsets
+        linears = [*self.enc, enc.fc_mu, *self.dec]  # fc_mu's offsets start the heads (fc_logvar follows it)
+        rows = [2 * self.latent_dim if m is enc.fc_mu else m.out_features for m in linears]
+        self._layout = [v for m, r in zip(linears, rows) for v in (r, m.in_features, at[id(m.weight)], at[id(m.bias)])]
+        self._buffers = (optimizer.flat, optimizer.flat_grad, optimizer.exp_avg, optimizer.exp_avg_sq)
         self._spaces: dict[int, _Workspace] = {}
 
     def space(self, batch: int) -> _Workspace:
@@ -205,10 +200,18 @@ class MLPStep:
     @torch.no_grad()
     def step(self, x: torch.Tensor, beta: float, seed: int | None = None) -> LossTerms:
         """One training step on the batch `x` ((B, input_dim), uint8 or the parameters' dtype), the update included."""
-        terms = self.forward_backward(x, beta, seed)
+        if self._whole is not None:
+            g = self.optimizer.param_groups[0]
+            return self._one_op(x, beta, seed, (g["lr"], *g["betas"], g["eps"], g["weight_decay"]))
+        terms = self.calls(x, beta, seed)
         self.optimizer.step_count += 1
         self.optimizer.flat_step()
         return terms
+
+    def _one_op(self, x: torch.Tensor, beta: float, seed: int | None, adam: tuple[float, ...] | None) -> LossTerms:
+        out = self._whole.mlp_step(x, self._buffers, self.optimizer.step_count, self._layout, len(self.enc), new_seed(seed), beta,
+                                   self.likelihood, adam, _checks.flag_word(x.device))
+        return LossTerms(out[0], out[1], out[2])
 
     @torch.no_grad()
     def forward_backward(self, x: torch.Tensor, beta: float | torch.Tensor, seed: int | torch.Tensor | None = None) -> LossTerms:
@@ -218,13 +221,12 @@ class MLPStep:
         seed: the Philox seed of the sample (an int or 0-dim int64 device tensor; None: drawn from torch's generator).
         """
         if self._whole is not None and not isinstance(beta, torch.Tensor):
-            out = self._whole.mlp_step(x, *self._layers, *self._layer_grads, len(self.enc), new_seed(seed), beta,
-                                       self.likelihood, _checks.flag_word(x.device))
-            return LossTerms(out[0], out[1], out[2])
-        return self._calls(x, beta, seed)
+            return self._one_op(x, beta, seed, None)
+        return self.calls(x, beta, seed)
 
-    def _calls(self, x: torch.Tensor, beta: float | torch.Tensor, seed: int | torch.Tensor | None) -> LossTerms:
-        """forward_backward in PyTorch calls and the fused ops' kernels (any device; what a CUDA graph captures)."""
+    def calls(self, x: torch.Tensor, beta: float | torch.Tensor, seed: int | torch.Tensor | None = None) -> LossTerms:
+        """forward_backward as PyTorch calls and the fused ops' kernels, on this batch size's buffers: any device,
+        and what a CUDA graph captures (fastvae.graphs: beta as set_beta's tensor, seed a device tensor)."""
         B, L = x.shape[0], self.latent_dim
         ws = self.space(B)
         if not isinstance(beta, torch.Tensor):
@@ -233,15 +235,11 @@ class MLPStep:
             raise ValueError("a tensor beta must be the one set_beta returned for this batch size")
         flags = _checks.flag_word(x.device)
         # forward: `inputs` holds each encoder layer's input, then the heads'; `dec_in` each decoder layer's
-        if x.dtype == torch.uint8:
-            ws.x.copy_(x)
-            inputs, alpha = [ws.x], 1.0 / 255.0  # (x / 255) W^T = (x W^T) / 255: the scale rides on the product
-        else:
-            inputs, alpha = [x], 1.0
+        inputs = [torch.div(x, 255.0, out=ws.x) if x.dtype == torch.uint8 else x]  # uint8 pixels read as x / 255: one pass
         for layer, h in zip(self.enc, ws.enc):
-            torch._addmm_activation(layer.bias, inputs[-1], layer.weight.t(), alpha=alpha if len(inputs) == 1 else 1.0, out=h)
+            torch._addmm_activation(layer.bias, inputs[-1], layer.weight.t(), out=h)  # bias + ReLU in the product's epilogue on CUDA
             inputs.append(h)
-        torch.addmm(self.b_heads, inputs[-1], self.w_heads.t(), alpha=alpha if len(inputs) == 1 else 1.0, out=ws.heads)
+        torch.addmm(self.b_heads, inputs[-1], self.w_heads.t(), out=ws.heads)
         ws.latent.copy_(ws.heads.view(B, 2, L).transpose(0, 1))
         mu, logvar = ws.latent[0], ws.latent[1]
         seed = new_seed(seed, like=mu, on_device=getattr(self._reparam, "tensor_seed", False))
@@ -269,12 +267,12 @@ class MLPStep:
         torch.cat((g_mu, g_logvar), 1, out=ws.d_heads)
         g = ws.d_heads
         self._bias_grad(g, None, self.gb_heads)
-        _mm(g.t(), inputs[-1], self.gw_heads, alpha if len(inputs) == 1 else 1.0)
+        torch.mm(g.t(), inputs[-1], out=self.gw_heads)
         weight = self.w_heads
         for j in range(len(self.enc) - 1, -1, -1):
             torch.mm(g, weight, out=ws.d_enc[j])
             g, layer = ws.d_enc[j], self.enc[j]
             self._bias_grad(g, inputs[j + 1], self.grad[id(layer.bias)])
-            _mm(g.t(), inputs[j], self.grad[id(layer.weight)], alpha if j == 0 else 1.0)
+            torch.mm(g.t(), inputs[j], out=self.grad[id(layer.weight)])
             weight = layer.weight
         return LossTerms(ws.stats[0], ws.stats[1], ws.stats[2])

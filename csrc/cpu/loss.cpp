@@ -4,17 +4,10 @@
 // Bernoulli from logits in torch's own form, (1 - x) l - min(l, 0) + log1p(exp(-|l|)), so
 // NaN/Inf logits give what F.binary_cross_entropy_with_logits gives; grad sigmoid(l) - x.
 // Gaussian: (l - x)^2, grad 2 (l - x). uint8 targets are read as x / 255, converted in registers.
+#include "args.h"
 #include "common.h"
 
 namespace fastvae::cpu {
-
-template <typename T, typename X>
-struct LossArgs {
-  const T* logits; const X* x; const T* mu; const T* logvar;
-  T* recon; T* kl; T* grad_logits; T* grad_mu; T* grad_logvar;  // grads null when not needed
-  int64_t rows, dim, latent; T beta, scale; bool gaussian;
-  FlagSink* flags;  // null: no value checks
-};
 
 namespace FASTVAE_ISA {
 

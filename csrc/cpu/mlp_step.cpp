@@ -1,9 +1,12 @@
-// The hand-written training step of fastvae.VAE's MLP on the CPU, as one op: forward, fused loss,
-// backward, every gradient written into the caller's tensors (views of FlatAdam's flat gradient
-// buffer). fastvae/step.py has the same sequence in PyTorch calls (any device, CUDA graphs) and
-// describes it; here it costs one call from Python per step instead of forty. The products are
-// ATen's (MKL), sampling and the loss are the fused kernels of reparam.cpp and loss.cpp, and
-// bias_grad folds a ReLU's backward into its bias gradient (one pass).
+// The training step of fastvae.VAE's MLP on the CPU as one op: forward, fused loss, backward and
+// Adam, on raw pointers into FlatAdam's flat buffers (fastvae/mlp_step.py describes the step and
+// runs the same sequence as PyTorch calls elsewhere). One call from Python per step: the matrix
+// products go straight to the BLAS that torch links (MKL's sgemm/dgemm; ATen's mm where there is
+// none), sampling and the loss are reparam.cpp's and loss.cpp's kernels, and the rest is here:
+// the bias + ReLU epilogue of a product, the ReLU's backward folded into the bias gradient, and
+// Adam, applied to each layer as soon as its gradients are final and its weight was last read
+// (its parameters and gradients are then still in cache: only the moments come from memory).
+#include "args.h"
 #include "common.h"
 
 namespace fastvae::cpu {
@@ -14,11 +17,23 @@ struct BiasGradArgs {
   int64_t rows, cols;
 };
 
+template <typename T>
+struct AdamArgs {
+  T* param; const T* grad; T* exp_avg; T* exp_avg_sq;
+  int64_t n;
+  double step_size, beta1, beta2, eps, weight_decay, bias_correction2_sqrt;  // step_size = lr / bias_correction1
+};
+
+template <typename T>
+struct ToFloatArgs {
+  const uint8_t* x; T* out; int64_t n;
+};
+
 namespace FASTVAE_ISA {
 
-// grad becomes the pre-activation gradient (0 where relu_out <= 0, torch's threshold_backward: NaN
-// activations keep their gradient) and out its column sums. A task owns a range of columns and
-// walks every row, kChunk vectors of running sums in registers.
+// grad becomes the pre-activation gradient (0 where relu_out <= 0, as torch's threshold_backward:
+// NaN activations keep their gradient) and out its column sums. A task owns a range of columns
+// and walks every row, kChunk vectors of running sums in registers.
 template <typename T>
 void bias_grad(const BiasGradArgs<T>& a) {
   constexpr int64_t W = Vec<T>::size(), kChunk = 8;
@@ -50,25 +65,233 @@ void bias_grad(const BiasGradArgs<T>& a) {
   });
 }
 
-template void bias_grad<float>(const BiasGradArgs<float>&);
-template void bias_grad<double>(const BiasGradArgs<double>&);
+// A product's epilogue: bias added to every row, then the activation (ReLU: NaN stays NaN, as
+// torch.relu; sigmoid: from exp(-|v|), no overflow, as common.h's sigmoid_from).
+template <typename T>
+void bias_act(const BiasActArgs<T>& a) {
+  constexpr int64_t W = Vec<T>::size();
+  at::parallel_for(0, a.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(a.cols, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      T* row = a.out + r * a.cols;
+      for (int64_t j = 0; j < a.cols; j += W) {
+        const int64_t c = std::min(W, a.cols - j);
+        Vec<T> v = load(row + j, c) + load(a.bias + j, c);
+        if (a.act == Activation::kRelu) v = at::vec::maximum(v, Vec<T>(0));
+        if (a.act == Activation::kSigmoid) v = sigmoid_from(v, (Vec<T>(0) - v.abs()).exp());
+        store(v, row + j, c);
+      }
+    }
+  });
+}
+
+// torch.optim.Adam's update (its fused CPU kernel's arithmetic): m = lerp(m, g, 1 - beta1),
+// v = beta2 v + (1 - beta2) g^2, p -= step_size m / (sqrt(v) / sqrt(bias_correction2) + eps).
+template <typename T>
+void adam(const AdamArgs<T>& a) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> w1(T(1 - a.beta1)), b2(T(a.beta2)), w2(T(1 - a.beta2)), eps(T(a.eps)), wd(T(a.weight_decay));
+  const Vec<T> step(T(a.step_size)), bc2(T(a.bias_correction2_sqrt));
+  const bool decay = a.weight_decay != 0;
+  at::parallel_for(0, (a.n + W - 1) / W, 2048, [&](int64_t v0, int64_t v1) {
+    for (int64_t j = v0 * W; j < std::min(a.n, v1 * W); j += W) {
+      const int64_t c = std::min(W, a.n - j);
+      const Vec<T> p = load(a.param + j, c);
+      Vec<T> g = load(a.grad + j, c);
+      if (decay) g = at::vec::fmadd(p, wd, g);
+      Vec<T> m = load(a.exp_avg + j, c);
+      m = at::vec::fmadd(w1, g - m, m);
+      const Vec<T> v = load(a.exp_avg_sq + j, c) * b2 + w2 * g * g;
+      store(m, a.exp_avg + j, c);
+      store(v, a.exp_avg_sq + j, c);
+      store(p - step * m / (v.sqrt() / bc2 + eps), a.param + j, c);
+    }
+  });
+}
+
+template <typename T>
+void to_float(const ToFloatArgs<T>& a) {
+  at::parallel_for(0, a.n, 65536, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) a.out[i] = static_cast<T>(a.x[i]);
+  });
+}
+
+#define FASTVAE_STEP_INSTANTIATE(T)                       \
+  template void bias_grad<T>(const BiasGradArgs<T>&);     \
+  template void bias_act<T>(const BiasActArgs<T>&);       \
+  template void adam<T>(const AdamArgs<T>&);              \
+  template void to_float<T>(const ToFloatArgs<T>&);
+FASTVAE_STEP_INSTANTIATE(float)
+FASTVAE_STEP_INSTANTIATE(double)
+#undef FASTVAE_STEP_INSTANTIATE
 
 }  // namespace FASTVAE_ISA
 }  // namespace fastvae::cpu
 
 #ifndef FASTVAE_KERNELS_ONLY
+#include <torch/library.h>
+
+#include <cmath>
+
 #include "../ops.h"
+#include "blas.h"
 
 namespace fastvae::cpu {
 #if FASTVAE_HAVE_AVX2_COPY
 namespace avx2 {
 template <typename T> void bias_grad(const BiasGradArgs<T>&);
+template <typename T> void adam(const AdamArgs<T>&);
+template <typename T> void to_float(const ToFloatArgs<T>&);
 }  // namespace avx2
 #endif
 
+namespace {
+
+struct Layer {
+  int64_t out, in, weight, bias;  // sizes, and offsets into the flat buffers
+};
+
+void check_step(const at::Tensor& x, const at::Tensor& flat, const at::Tensor& grad, const at::Tensor& exp_avg,
+                const at::Tensor& exp_avg_sq, const at::Tensor& step, const std::vector<Layer>& layers, int64_t E) {
+  const int64_t n = static_cast<int64_t>(layers.size());
+  TORCH_CHECK(E >= 0 && E + 2 <= n, "fastvae::mlp_step: encoder_layers must leave the heads and a decoder layer, got ", E,
+              " of ", n, " layers");
+  for (const at::Tensor* t : {&flat, &grad, &exp_avg, &exp_avg_sq}) {
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->dim() == 1 && t->sizes() == flat.sizes() &&
+                    t->scalar_type() == flat.scalar_type(),
+                "fastvae::mlp_step: the flat buffers must be contiguous 1-D CPU tensors of one size and dtype");
+  }
+  TORCH_CHECK(flat.scalar_type() == at::kFloat || flat.scalar_type() == at::kDouble, "fastvae::mlp_step: float32 or float64 only");
+  TORCH_CHECK(step.device().is_cpu() && step.dim() == 0 && step.scalar_type() == at::kFloat,
+              "fastvae::mlp_step: step must be a 0-dim float32 CPU tensor");
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1 &&
+                  (x.scalar_type() == at::kByte || x.scalar_type() == flat.scalar_type()),
+              "fastvae::mlp_step: x must be a contiguous non-empty (batch, features) CPU tensor of uint8 or the parameters' dtype");
+  TORCH_CHECK(layers[E].out % 2 == 0, "fastvae::mlp_step: the heads must have 2 * latent outputs, got ", layers[E].out);
+  int64_t width = x.size(1);
+  for (int64_t i = 0; i < n; ++i) {
+    const Layer& l = layers[i];
+    if (i == E + 1) width = layers[E].out / 2;
+    TORCH_CHECK(l.in == width && l.out >= 1, "fastvae::mlp_step: layer ", i, " must take ", width, " inputs, got ", l.in);
+    TORCH_CHECK(l.weight >= 0 && l.bias >= 0 && l.weight + l.out * l.in <= flat.numel() && l.bias + l.out <= flat.numel(),
+                "fastvae::mlp_step: layer ", i, " lies outside the flat buffers");
+    width = l.out;
+  }
+  TORCH_CHECK(width == x.size(1), "fastvae::mlp_step: the last layer must give x's ", x.size(1), " features, got ", width);
+}
+
+template <typename T, typename X>
+void run_step(const X* x, int64_t B, int64_t D, T* flat, T* grad, T* exp_avg, T* exp_avg_sq, const std::vector<Layer>& layers,
+              int64_t E, uint64_t seed, double beta, bool gaussian, const AdamArgs<T>* adam, FlagSink* sink, T* work,
+              double* sums) {
+  const int64_t n = static_cast<int64_t>(layers.size()), L = layers[E].out / 2;
+  int64_t widest = D;
+  for (const Layer& l : layers) widest = std::max(widest, l.out);
+  // carve the workspace (its size: workspace_size)
+  T* w = work;
+  auto take = [&w](int64_t count) { T* p = w; w += count; return p; };
+  const T* in0 = nullptr;
+  T scale_in = T(1);
+  if constexpr (std::is_same_v<X, uint8_t>) {
+    T* xf = take(B * D);
+    FASTVAE_CPU_RUN(to_float, ToFloatArgs<T>{x, xf, B * D});
+    in0 = xf;
+    scale_in = T(1.0 / 255.0);  // (x / 255) W^T = (x W^T) / 255: the scale rides on the product
+  } else {
+    in0 = x;
+  }
+  std::vector<T*> out(n);  // each layer's output (after its activation); the heads' is [mu | logvar]
+  for (int64_t i = 0; i < n; ++i) out[i] = take(B * layers[i].out);
+  T *mu = take(B * L), *logvar = take(B * L), *z = take(B * L), *recon = take(B), *kl = take(B);
+  T *g_logits = take(B * D), *g_mu_kl = take(B * L), *g_logvar_kl = take(B * L), *g_mu = take(B * L), *g_logvar = take(B * L);
+  T *beta_rows = take(B), *d_heads = take(B * 2 * L);
+  T* ping[2] = {take(B * widest), take(B * widest)};
+  auto input = [&](int64_t i) -> const T* { return i == 0 ? in0 : i == E + 1 ? z : out[i - 1]; };
+  auto forward = [&](int64_t i, bool relu) {
+    const Layer& l = layers[i];
+    blas::gemm<T>(false, true, B, l.out, l.in, i == 0 ? scale_in : T(1), input(i), flat + l.weight, T(0), out[i]);
+    FASTVAE_CPU_RUN(bias_act, BiasActArgs<T>{out[i], flat + l.bias, B, l.out, relu ? Activation::kRelu : Activation::kNone});
+  };
+  // forward
+  for (int64_t i = 0; i < E; ++i) forward(i, true);
+  forward(E, false);
+  for (int64_t r = 0; r < B; ++r) {
+    std::copy_n(out[E] + r * 2 * L, L, mu + r * L);
+    std::copy_n(out[E] + r * 2 * L + L, L, logvar + r * L);
+  }
+  FASTVAE_CPU_RUN(reparam_forward, ReparamForwardArgs<T>{mu, logvar, z, nullptr, B, L, 1, seed, sink});
+  for (int64_t i = E + 1; i < n; ++i) forward(i, i < n - 1);
+  FASTVAE_CPU_RUN(loss_forward, LossArgs<T, X>{out[n - 1], x, mu, logvar, recon, kl, g_logits, g_mu_kl, g_logvar_kl, B, D, L,
+                                               T(beta), T(1), gaussian, sink});
+  double r_sum = 0, k_sum = 0;
+  for (int64_t r = 0; r < B; ++r) {
+    r_sum += recon[r];
+    k_sum += kl[r];
+  }
+  sums[0] = r_sum + beta * k_sum;
+  sums[1] = r_sum;
+  sums[2] = k_sum;
+  // backward: g is the gradient of layer i's output before its activation
+  auto update = [&](const Layer& l) {
+    if (adam == nullptr) return;
+    for (auto [offset, count] : {std::pair{l.weight, l.out * l.in}, std::pair{l.bias, l.out}}) {
+      AdamArgs<T> args = *adam;
+      args.param = flat + offset, args.grad = grad + offset, args.exp_avg = exp_avg + offset, args.exp_avg_sq = exp_avg_sq + offset;
+      args.n = count;
+      FASTVAE_CPU_RUN(adam, args);
+    }
+  };
+  auto backward = [&](int64_t i, T* g, T* d) {  // weight gradient, input gradient into d (unless i == 0), update
+    const Layer& l = layers[i];
+    blas::gemm<T>(true, false, l.out, l.in, B, i == 0 ? scale_in : T(1), g, input(i), T(0), grad + l.weight);
+    if (d != nullptr) blas::gemm<T>(false, false, B, l.in, l.out, T(1), g, flat + l.weight, T(0), d);
+    update(l);
+  };
+  T* g = g_logits;
+  FASTVAE_CPU_RUN(bias_grad, BiasGradArgs<T>{g, nullptr, grad + layers[n - 1].bias, B, D});
+  int flip = 0;
+  for (int64_t i = n - 1; i > E; --i) {
+    T* d = ping[flip ^= 1];
+    backward(i, g, d);
+    if (i > E + 1) FASTVAE_CPU_RUN(bias_grad, BiasGradArgs<T>{d, out[i - 1], grad + layers[i - 1].bias, B, layers[i - 1].out});
+    g = d;
+  }
+  // g = d loss / d z; the reparam backward adds beta * d KL / d(mu, logvar) (grad_kl = beta per row)
+  std::fill_n(beta_rows, B, T(beta));
+  FASTVAE_CPU_RUN(reparam_backward, ReparamBackwardArgs<T>{g, beta_rows, mu, logvar, z, g_mu, g_logvar, B, L, 1});
+  for (int64_t r = 0; r < B; ++r) {
+    std::copy_n(g_mu + r * L, L, d_heads + r * 2 * L);
+    std::copy_n(g_logvar + r * L, L, d_heads + r * 2 * L + L);
+  }
+  g = d_heads;
+  FASTVAE_CPU_RUN(bias_grad, BiasGradArgs<T>{g, nullptr, grad + layers[E].bias, B, 2 * L});
+  for (int64_t i = E; i >= 0; --i) {
+    T* d = i > 0 ? ping[flip ^= 1] : nullptr;
+    backward(i, g, d);
+    if (i > 0) FASTVAE_CPU_RUN(bias_grad, BiasGradArgs<T>{d, out[i - 1], grad + layers[i - 1].bias, B, layers[i - 1].out});
+    g = d;
+  }
+}
+
+int64_t workspace_size(int64_t B, int64_t D, const std::vector<Layer>& layers, int64_t E, bool bytes) {
+  const int64_t L = layers[E].out / 2;
+  int64_t widest = D, total = bytes ? B * D : 0;
+  for (const Layer& l : layers) {
+    widest = std::max(widest, l.out);
+    total += B * l.out;
+  }
+  return total + B * (3 * L + 2 + D + 4 * L + 1 + 2 * L) + 2 * B * widest;
+}
+
+}  // namespace
+
 void bias_grad(at::Tensor& grad, const OptTensor& relu_out, at::Tensor& out) {
-  check_bias_grad(grad, relu_out, out, at::kCPU);
+  TORCH_CHECK(grad.device().is_cpu() && grad.is_contiguous() && grad.dim() == 2, "fastvae::bias_grad: grad must be a contiguous 2-D CPU tensor");
+  TORCH_CHECK(grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble, "fastvae::bias_grad: float32 or float64 only");
   const bool relu = relu_out.has_value() && relu_out->defined();
+  TORCH_CHECK(!relu || (relu_out->sizes() == grad.sizes() && relu_out->is_contiguous() && relu_out->scalar_type() == grad.scalar_type()),
+              "fastvae::bias_grad: relu_out must be contiguous, of grad's shape and dtype");
+  TORCH_CHECK(out.is_contiguous() && out.dim() == 1 && out.size(0) == grad.size(1) && out.scalar_type() == grad.scalar_type(),
+              "fastvae::bias_grad: out must be a contiguous (", grad.size(1), ",) tensor of grad's dtype");
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fastvae_bias_grad_cpu", [&] {
     const BiasGradArgs<scalar_t> args{grad.data_ptr<scalar_t>(), relu ? relu_out->data_ptr<scalar_t>() : nullptr,
                                       out.data_ptr<scalar_t>(), grad.size(0), grad.size(1)};
@@ -76,75 +299,61 @@ void bias_grad(at::Tensor& grad, const OptTensor& relu_out, at::Tensor& out) {
   });
 }
 
-namespace {
-// out = alpha * a @ b, into `out` (a view of the flat gradient buffer)
-void mm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha) {
-  if (alpha == 1.0) {
-    at::mm_out(out, a, b);
-  } else {
-    at::addmm_out(out, out, a, b, /*beta=*/0, alpha);
-  }
-}
-}  // namespace
-
-at::Tensor mlp_step(const at::Tensor& x, at::TensorList weights, at::TensorList biases, at::TensorList grad_weights,
-                    at::TensorList grad_biases, int64_t encoder_layers, int64_t seed, double beta, bool gaussian,
-                    const OptTensor& flags) {
-  const int64_t n = static_cast<int64_t>(weights.size()), E = encoder_layers;
-  check_mlp_step(x, weights, biases, grad_weights, grad_biases, E, at::kCPU);
-  const int64_t B = x.size(0), L = weights[E].size(0) / 2;
-  const at::TensorOptions opts = weights[0].options();
+// [loss, recon, kl] summed over the batch; writes every gradient into `grad` and, when `update`,
+// advances `step` and applies Adam to `flat`, `exp_avg` and `exp_avg_sq`. layout: per layer (the
+// encoder's hidden layers, the heads with [mu; logvar] rows, the decoder's) out, in, and the offsets
+// of its weight and bias in the flat buffers.
+at::Tensor mlp_step(const at::Tensor& x, at::Tensor& flat, at::Tensor& grad, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+                    at::Tensor& step, at::IntArrayRef layout, int64_t encoder_layers, int64_t seed, double beta, bool gaussian,
+                    bool update, double lr, double beta1, double beta2, double eps, double weight_decay, const OptTensor& flags) {
+  TORCH_CHECK(layout.size() % 4 == 0 && !layout.empty(), "fastvae::mlp_step: layout holds 4 numbers per layer");
+  std::vector<Layer> layers;
+  for (size_t i = 0; i < layout.size(); i += 4) layers.push_back({layout[i], layout[i + 1], layout[i + 2], layout[i + 3]});
+  check_step(x, flat, grad, exp_avg, exp_avg_sq, step, layers, encoder_layers);
+  const uint64_t stream = host_seed(std::nullopt, seed);
+  int32_t* word = flag_word(flags, x.device());
+  const int64_t B = x.size(0), D = x.size(1);
   const bool bytes = x.scalar_type() == at::kByte;
-  const double scale_in = bytes ? 1.0 / 255.0 : 1.0;  // (x / 255) W^T = (x W^T) / 255: the scale rides on the product
-  std::vector<at::Tensor> act(n + 1);  // act[i]: the input of layer i; act[n]: the logits
-  act[0] = bytes ? x.to(weights[0].scalar_type()) : x;
-  for (int64_t i = 0; i < E; ++i) {
-    at::Tensor out = at::empty({B, weights[i].size(0)}, opts);
-    at::addmm_out(out, biases[i], act[i], weights[i].t(), 1, i == 0 ? scale_in : 1.0);
-    act[i + 1] = out.relu_();
-  }
-  // [mu | logvar] from one product (the heads are stored back to back), then each contiguous for the kernels
-  const at::Tensor heads = at::addmm(biases[E], act[E], weights[E].t(), 1, E == 0 ? scale_in : 1.0);
-  const at::Tensor latent = heads.view({B, 2, L}).transpose(0, 1).contiguous(), mu = latent[0], logvar = latent[1];
-  const at::Tensor z = std::get<0>(reparam_forward(mu, logvar, std::nullopt, seed, 1, false, flags));
-  act[E + 1] = z[0];
-  for (int64_t i = E + 1; i < n; ++i) {
-    at::Tensor out = at::empty({B, weights[i].size(0)}, opts);
-    at::addmm_out(out, biases[i], act[i], weights[i].t());
-    if (i < n - 1) out.relu_();
-    act[i + 1] = out;
-  }
-  auto [recon, kl, g, unused_mu, unused_logvar] = loss_forward(act[n], x, mu, logvar, std::nullopt, beta, gaussian, true, 1.0, flags);
-  // backward; g: the gradient of layer i's pre-activation output
-  at::Tensor last_bias = grad_biases[n - 1];
-  bias_grad(g, std::nullopt, last_bias);
-  for (int64_t i = n - 1; i > E; --i) {
-    at::Tensor gw = grad_weights[i];
-    at::mm_out(gw, g.t(), act[i]);
-    at::Tensor d = at::mm(g, weights[i]);
-    if (i > E + 1) {
-      at::Tensor gb = grad_biases[i - 1];
-      bias_grad(d, act[i], gb);
+  at::Tensor work = at::empty({workspace_size(B, D, layers, encoder_layers, bytes)}, flat.options());
+  double sums[3];
+  FlagSink sink;
+  AT_DISPATCH_FLOATING_TYPES(flat.scalar_type(), "fastvae_mlp_step_cpu", [&] {
+    using T = scalar_t;
+    AdamArgs<T> adam{};
+    if (update) {
+      float* count = step.data_ptr<float>();
+      *count += 1;
+      const double s = *count;
+      adam.step_size = lr / (1 - std::pow(beta1, s));
+      adam.beta1 = beta1, adam.beta2 = beta2, adam.eps = eps, adam.weight_decay = weight_decay;
+      adam.bias_correction2_sqrt = std::sqrt(1 - std::pow(beta2, s));
     }
-    g = d;
-  }
-  // g = d loss / d z; the reparam backward adds beta * d KL / d(mu, logvar) (grad_kl = beta per row)
-  auto [g_mu, g_logvar] = reparam_backward(g.unsqueeze(0), at::full({B}, beta, opts), mu, logvar, z, std::nullopt, seed, 1);
-  g = at::cat({g_mu, g_logvar}, 1);
-  at::Tensor heads_bias = grad_biases[E];
-  bias_grad(g, std::nullopt, heads_bias);
-  for (int64_t i = E; i >= 0; --i) {
-    at::Tensor gw = grad_weights[i];
-    mm_into(gw, g.t(), act[i], i == 0 ? scale_in : 1.0);
-    if (i == 0) break;
-    at::Tensor d = at::mm(g, weights[i]);
-    at::Tensor gb = grad_biases[i - 1];
-    bias_grad(d, act[i], gb);
-    g = d;
-  }
-  const at::Tensor r = recon.sum(), k = kl.sum();
-  return at::stack({r + beta * k, r, k});
+    auto run = [&](auto* xp) {
+      run_step<T>(xp, B, D, flat.data_ptr<T>(), grad.data_ptr<T>(), exp_avg.data_ptr<T>(), exp_avg_sq.data_ptr<T>(), layers,
+                  encoder_layers, stream, beta, gaussian, update ? &adam : nullptr, word != nullptr ? &sink : nullptr,
+                  work.data_ptr<T>(), sums);
+    };
+    if (bytes) run(x.data_ptr<uint8_t>()); else run(x.data_ptr<T>());
+  });
+  sink.commit(word);
+  at::Tensor result = at::empty({3}, flat.options());
+  AT_DISPATCH_FLOATING_TYPES(flat.scalar_type(), "fastvae_mlp_step_sums", [&] {
+    for (int i = 0; i < 3; ++i) result.data_ptr<scalar_t>()[i] = static_cast<scalar_t>(sums[i]);
+  });
+  return result;
 }
 
 }  // namespace fastvae::cpu
+
+TORCH_LIBRARY_FRAGMENT(fastvae, m) {
+  m.def("bias_grad(Tensor(a!) grad, Tensor? relu_out, Tensor(b!) out) -> ()");
+  m.def("mlp_step(Tensor x, Tensor(a!) flat, Tensor(b!) grad, Tensor(c!) exp_avg, Tensor(d!) exp_avg_sq, Tensor(e!) step,"
+        " int[] layout, int encoder_layers, int seed, float beta, bool gaussian, bool update, float lr, float beta1,"
+        " float beta2, float eps, float weight_decay, Tensor(f!)? flags) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastvae, CPU, m) {
+  m.impl("bias_grad", &fastvae::cpu::bias_grad);
+  m.impl("mlp_step", &fastvae::cpu::mlp_step);
+}
 #endif
