@@ -49,15 +49,17 @@ class InjectEps(torch.overrides.TorchFunctionMode):
 
 
 class Calls(torch.overrides.TorchFunctionMode):
-    """Counts the torch calls made while active."""
+    """The names of the torch calls that computed a tensor while active."""
 
     def __init__(self):
         super().__init__()
         self.names = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.names.append(getattr(func, "__name__", "?"))
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            self.names.append(getattr(func, "__name__", "?"))
+        return out
 
 
 class Chain(nn.Module):

@@ -457,6 +457,7 @@ class Case:
     inputs: str = "image"  # "image", "dict" or "labels"
     signed: bool = False  # data in [-1, 1] (tanh decoders)
     likelihood: str | None = None  # what the user's loss trains, where the decoder's structure leaves it open (raw logits)
+    fit: bool = True  # whether fastvae.fit trains the user's objective (not an L1 loss, a dict batch, a step through methods)
     bench_batch: int = 128  # the benchmark's batch
     method_step: Callable[[nn.Module, tuple], torch.Tensor] | None = None  # a step through methods, never forward: the loss
 
@@ -506,7 +507,7 @@ CASES = [
          "Variable(std.data.new(std.size()).normal_()) noise, eps.mul(std).add_(mu), nn.Sigmoid module, BCE-sum + KLD-sum"),
     Case("ldm_conv", LDMConv, (3, 64, 64), "conv", ldm_loss,
          "latent-diffusion conv KL autoencoder: latents 4x16x16, posterior object (clamped logvar, sample(), kl()), "
-         "forward returns (dec, posterior), L1 + kl_weight * posterior.kl()", signed=True, bench_batch=8),
+         "forward returns (dec, posterior), L1 + kl_weight * posterior.kl()", signed=True, bench_batch=8, fit=False),
 ]
 
 
@@ -521,5 +522,35 @@ def ldm_method_step(model, batch):
 METHOD_CASES = [
     Case("ldm_conv_methods", LDMConv, (3, 64, 64), "conv", ldm_loss,
          "the ldm_conv model trained through encode / posterior.sample() / decode / posterior.kl()", signed=True, bench_batch=8,
-         method_step=ldm_method_step),
+         method_step=ldm_method_step, fit=False),
 ]
+
+# diffusers' AutoencoderKL at a small configuration, built from a config dict (never from the Hub): latents 4x32x32 at 64x64
+DIFFUSERS_CONFIG = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+                    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"], "block_out_channels": [32, 64],
+                    "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 32, "sample_size": 64}
+
+
+def diffusers_vae() -> nn.Module:
+    from diffusers import AutoencoderKL
+    return AutoencoderKL.from_config(DIFFUSERS_CONFIG)
+
+
+def diffusers_step(vae, batch, kl_weight=1e-6):
+    """diffusers' VAE fine-tuning step: encode(x).latent_dist, its sample(), decode(z).sample, MSE + kl_weight * kl()."""
+    x = batch[0]
+    posterior = vae.encode(x).latent_dist
+    z = posterior.sample()
+    pred = vae.decode(z).sample
+    return F.mse_loss(pred, x, reduction="mean") + kl_weight * posterior.kl().mean()
+
+
+def diffusers_cases() -> list[Case]:
+    """The diffusers model as a step through methods, where diffusers is installed (an optional test dependency)."""
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        return []
+    return [Case("diffusers_autoencoder_kl", diffusers_vae, (3, 64, 64), "conv", lambda model, batch, out: out,
+                 "diffusers' AutoencoderKL (small config): encode(x).latent_dist.sample(), decode(z).sample, MSE + kl()",
+                 signed=True, bench_batch=8, method_step=diffusers_step, fit=False)]

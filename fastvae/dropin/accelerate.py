@@ -43,7 +43,7 @@ from ..ops.reparam import reparameterize, reparameterize_kl
 from . import routing
 from .output import wrap
 from .plan import Plan, Refused, Replacement, Window, analyse
-from .trace import Recording, at, func_key, objects_in, plain_args, short, tensors_in
+from .trace import Recording, at, func_key, objects_in, plain_args, plain_state, short, tensors_in
 
 SAMPLING = ("auto", "fused", "user")
 UNUSED_TAGS = 8  # forwards whose tagged output no loss computed a BCE from, before tagging stops
@@ -211,7 +211,7 @@ class Dropin:
         s = self.plan.sampling
         self.replacing = s.replaceable and s.segment == "forward" and (
             self.sampling == "fused" or self.z_override is not None
-            or (self.sampling == "auto" and routing.fused_sampling(device, math.prod(s.shape))))
+            or (self.sampling == "auto" and routing.fused_sampling(device, math.prod(s.shape), self.plan.kl_from_sample)))
         if self.tagged and not self.loss_seen:  # the last forward's tagged output fed no BCE (an MSE loss, say)
             self.unused += 1
             self.tagging = self.unused < UNUSED_TAGS
@@ -345,7 +345,7 @@ class Dropin:
 
     def replace(self, rep: Replacement, owner: Any, original: Callable, args: tuple, kwargs: dict) -> Any:
         """`rep`'s call on `owner` answered by the fused op, or run as written where it does not apply."""
-        if plain_args(args, kwargs) != rep.plain:
+        if plain_args(args, kwargs) != rep.plain or (rep.owner is not None and plain_state(owner) != rep.state):
             return original(*args, **kwargs)
         try:
             mu, scale = _read(rep.mu, owner, args, kwargs), _read(rep.scale, owner, args, kwargs)
@@ -357,9 +357,9 @@ class Dropin:
         if rep.kind == "kl":
             cache = self.kl_cache
             if cache is not None and cache[0] is mu and cache[1] is scale:
-                return cache[2].to(mu.dtype)
+                return cache[2] if cache[2].dtype == mu.dtype else cache[2].to(mu.dtype)
             return original(*args, **kwargs)
-        fused = self.sampling == "fused" or (self.sampling == "auto" and routing.fused_sampling(mu.device, mu.numel()))
+        fused = self.sampling == "fused" or (self.sampling == "auto" and routing.fused_sampling(mu.device, mu.numel(), self.plan.kl_from_sample))
         if not fused:
             return original(*args, **kwargs)
         return self._fused(mu, scale, rep.form)

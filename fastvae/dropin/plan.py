@@ -86,6 +86,7 @@ class Replacement:
     cls: type | None
     method: str
     plain: tuple  # the recorded call's non-tensor arguments
+    state: tuple  # the owner object's other attributes at the recorded call
     mu: tuple  # ("attr", name) or ("arg", path in (args, kwargs))
     scale: tuple
     form: str
@@ -426,7 +427,7 @@ def _replacement(g: _Graph, site: _Site, seg: Segment) -> tuple[Replacement | No
         why = f"{seg.name}() computes {'mu' if mu is None else 'the scale'} ({missing}) itself"
     if why:
         return None, why
-    return Replacement("sample", _owner(g.t, seg), seg.cls, seg.method, seg.plain, mu, scale, site.form), ""
+    return Replacement("sample", _owner(g.t, seg), seg.cls, seg.method, seg.plain, seg.state, mu, scale, site.form), ""
 
 
 def _kl_replacements(g: _Graph, site: _Site) -> list[Replacement]:
@@ -472,7 +473,7 @@ def _kl_replacements(g: _Graph, site: _Site) -> list[Replacement]:
         mu, scale = _locate(seg, site.mu), _locate(seg, site.scale)
         if mu is None or scale is None or mu[0] != "attr" or scale[0] != "attr":
             continue
-        found.append(Replacement("kl", _owner(t, seg), seg.cls, seg.method, seg.plain, mu, scale, site.form))
+        found.append(Replacement("kl", _owner(t, seg), seg.cls, seg.method, seg.plain, seg.state, mu, scale, site.form))
     return found
 
 

@@ -138,6 +138,7 @@ class Segment:
     cls: type | None  # the owner object's class
     plain: tuple  # the call's non-tensor arguments (a later call must pass the same to be replaced)
     attrs: dict[str, int]  # the owner object's tensor attributes at the call: name -> value
+    state: tuple  # the owner object's other attributes at the call (a later owner must hold the same)
     calls: list[int] = dataclasses.field(default_factory=list)  # [first, end) call indices
     events: list[int] = dataclasses.field(default_factory=list)  # [first, end) event positions
     inputs: list[tuple[tuple, int]] = dataclasses.field(default_factory=list)  # (path in (args, kwargs), value)
@@ -156,6 +157,14 @@ def plain_args(args: tuple, kwargs: dict) -> tuple:
             return tuple(sorted((str(k), norm(v)) for k, v in x.items()))
         return x if isinstance(x, (int, float, str, bool, type(None))) else f"<{type(x).__name__}>"
     return norm((args, kwargs))
+
+
+def plain_state(obj: Any) -> tuple:
+    """An object's non-tensor, non-callable attributes, comparable with == (None for the model itself)."""
+    if obj is None:
+        return ()
+    return tuple(sorted((k, plain_args((v,), {})) for k, v in vars(obj).items()
+                        if not isinstance(v, (torch.Tensor, torch.Size)) and not callable(v)))  # shapes follow the batch
 
 
 def _geometry(t: torch.Tensor) -> tuple | None:
@@ -292,7 +301,7 @@ class Recording:
         if obj is not None:
             attrs = {k: t.value_of(v) for k, v in vars(obj).items() if isinstance(v, torch.Tensor)}
         seg = Segment(name, method, owner, type(obj) if obj is not None else None, plain_args(args, kwargs), attrs,
-                      [len(t.calls)], [len(t.events)])
+                      plain_state(obj), [len(t.calls)], [len(t.events)])
         seg.inputs = [(path, t.value_of(x, "input")) for path, x in tensors_in((args, kwargs))]
         t.segments.append(seg)
         for module, module_name in t.names.items():
