@@ -343,3 +343,24 @@ def test_a_model_method_that_is_the_whole_sampling_is_answered_by_the_fused_samp
     torch.testing.assert_close(loss, loss_user, rtol=1e-5, atol=0)
     for p, q in zip(model.parameters(), user.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_an_op_after_the_decoders_sigmoid_stays_in_the_users_loss(monkeypatch):
+    """The decoder side: clamp(sigmoid(logits), 1e-6, 1 - 1e-6) is the identity on the first batch and not on a
+    saturated second one; the user's BCE on it keeps the clamp (it is never computed from the logits)."""
+    from fastvae.dropin import routing
+    monkeypatch.setattr(routing, "CPU_LOGITS_MIN", 0)
+    monkeypatch.setattr(routing, "CPU_FUSED_LOSS_MIN", 0)
+    torch.manual_seed(0)
+    user = Decoded(HEADS["clamped_probabilities"][0])
+    model = fastvae.accelerate(copy.deepcopy(user), sampling="fused", seed=SEED)
+    x = torch.rand(4, 12)
+    model(x)
+    for m in (user, model):
+        with torch.no_grad():
+            m.dec.bias.fill_(-40.0)  # sigmoid underflows below 1e-6: the clamp bites
+    with InjectEps():
+        expected = F.binary_cross_entropy(user(x)[0], x, reduction="sum")
+    out = model(x)[0]
+    assert type(out) is torch.Tensor
+    torch.testing.assert_close(F.binary_cross_entropy(out, x, reduction="sum"), expected)

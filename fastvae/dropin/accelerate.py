@@ -249,7 +249,7 @@ class Dropin:
             return
         if self.recording is not None and self.recording.active:
             seg = self.recording.exit(output)
-            self._wrap_objects(output, len(self.recording.trace.segments) - 1, seg.name)
+            wrapped = self._wrap_objects(output, len(self.recording.trace.segments) - 1, seg.name)
             if name == "forward" and output is not None:
                 try:
                     self.plan = analyse(self.recording.trace)
@@ -264,6 +264,8 @@ class Dropin:
                 finally:
                     self.saved_buffers = []
                 self._planned(model)
+                if not wrapped:  # no object whose methods (a posterior's kl()) could still be recorded: release the trace now
+                    self._finish(model)
             return
         if self.plan is None:
             return
@@ -309,12 +311,15 @@ class Dropin:
             self.methods.remove(name)
 
     # ---- the first step's calls on returned objects ------------------------------------------
-    def _wrap_objects(self, output: Any, index: int, segment: str) -> None:
-        """Record the methods of the objects a recorded call returned (a posterior's sample(), kl())."""
+    def _wrap_objects(self, output: Any, index: int, segment: str) -> int:
+        """Record the methods of the objects a recorded call returned (a posterior's sample(), kl()); how many were wrapped."""
+        n = 0
         for path, obj in objects_in(output):
             for name in _public_methods(type(obj), (object,)) + _distribution_methods(obj):
                 with contextlib.suppress(AttributeError, TypeError):
                     setattr(obj, name, _ObjectMethod(self, obj, name, f"{segment}.{_dotted(path)}.{name}", (index, path)))
+                    n += 1
+        return n
 
     def record_object_call(self, wrapper: _ObjectMethod, original: Callable, args: tuple, kwargs: dict) -> Any:
         recording = self.recording
