@@ -557,9 +557,11 @@ def analyse(trace: Trace) -> Plan:
     g = _Graph(trace)
     randoms = [c for c in trace.calls if last(c.key) in RANDOM]
     if not randoms:
-        raise Refused("fastvae.accelerate: this forward drew no Gaussian noise (torch.randn, randn_like, normal_, Normal(...).rsample()), "
+        forward = any(s.name == "forward" for s in trace.segments)
+        what = "this forward" if forward else "the model's calls in this step"
+        raise Refused(f"fastvae.accelerate: {what} drew no Gaussian noise (torch.randn, randn_like, normal_, Normal(...).rsample()), "
                       "so there is no sample z = mu + eps * std to fuse. Is it an autoencoder, or does it sample only in another mode "
-                      "(the drop-in analyses the first forward in training mode)?")
+                      "(the drop-in analyses the first training step)?")
     sites, why = [], []
     for call in randoms:
         site, reason = _find_site(g, call)
