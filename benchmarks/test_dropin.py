@@ -14,7 +14,7 @@ through its methods, batch 16 / 2), quick (the MLP models, one conv model and th
 ones) or full (all); each model at its case's batch (128, the latent-diffusion models 8). Run through ``python -m
 benchmarks.run --parts dropin`` or ``python -m pytest benchmarks/test_dropin.py --benchmark-only``.
 On a shared, noisy machine compare with ``python -m benchmarks.test_dropin --seconds 600``: the
-impls interleaved step by step, min and median of paired ratios (the README's numbers).
+impls interleaved step by step, min and median of paired ratios (the numbers in docs/your-own-vae.md).
 """
 from __future__ import annotations
 
