@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd import Variable
 from torch.distributions import Bernoulli, Normal
 
 import fastvae
@@ -280,14 +279,19 @@ def _loop_step(model, x):
     return F.binary_cross_entropy(model.decode(z), x, reduction="sum") - 0.5 * torch.sum(1 + logvar - mu ** 2 - logvar.exp())
 
 
+def runtime_warnings(steps: int, step) -> list[str]:
+    """The RuntimeWarnings of `steps` training steps (each `step()` runs a backward)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            step()
+    return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
 def test_a_loop_that_samples_outside_the_model_gets_one_warning_naming_what_it_saw():
     model = fastvae.accelerate(LoopSamples())
     x = torch.rand(4, 12)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(4):
-            _loop_step(model, x).backward()
-    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    messages = runtime_warnings(4, lambda: _loop_step(model, x).backward())
     assert len(messages) == 1, messages
     assert "ran through encode(), decode()" in messages[0] and "drew no Gaussian noise" in messages[0]
     assert "move that into a model method" in messages[0]
@@ -297,12 +301,8 @@ def test_a_loop_that_samples_outside_the_model_gets_one_warning_naming_what_it_s
 def test_gradients_into_a_model_whose_calls_it_never_sees_warn_once():
     model = fastvae.accelerate(LoopSamples())
     x = torch.rand(4, 12)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(5):
-            mu, logvar = model.enc(x).chunk(2, 1)  # submodules called directly
-            F.binary_cross_entropy(torch.sigmoid(model.dec(mu)), x).backward()
-    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    submodules = lambda: F.binary_cross_entropy(torch.sigmoid(model.dec(model.enc(x)[:, :L])), x).backward()  # noqa: E731
+    messages = runtime_warnings(5, submodules)
     assert len(messages) == 1 and "gradients reached LoopSamples 3 times" in messages[0], messages
     assert "nothing is accelerated" in messages[0]
 
@@ -364,3 +364,20 @@ def test_an_op_after_the_decoders_sigmoid_stays_in_the_users_loss(monkeypatch):
     out = model(x)[0]
     assert type(out) is torch.Tensor
     torch.testing.assert_close(F.binary_cross_entropy(out, x, reduction="sum"), expected)
+
+
+def test_a_forward_called_by_a_wrapped_method_is_still_recorded_and_accelerated():
+    """A Lightning-style training_step(batch) that calls self(x): the forward is its own top-level call."""
+    case = CASES[0]
+
+    class WithTrainingStep(type(case.model())):
+        def training_step(self, x):
+            return case.loss(self, (x,), self(x))
+
+    model = fastvae.accelerate(WithTrainingStep(), sampling="fused")
+    x = case.batch(4)[0]
+    model.training_step(x).backward()
+    assert model._fastvae_dropin.plan.sampling.replaceable, explain(model)
+    with InjectEps() as spy:
+        model.training_step(x).backward()
+    assert spy.draws == 0 and "training_step" not in model.__dict__

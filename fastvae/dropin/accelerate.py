@@ -141,7 +141,8 @@ class Dropin:
         self.recording: Recording | None = None
         self.recorded_backwards = 0
         self.saved_buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.depth = 0
+        self.depth = 0  # nesting of the root's forward
+        self.method_depth = 0  # nesting of the wrapped public methods
         self.counts: dict[tuple[str, str], int] = {}
         self.live: list[Window] = []
         self.runs: list[_Run] = []
@@ -163,52 +164,21 @@ class Dropin:
 
     # ---- top-level calls: the forward (root hooks) and the public methods (wrappers) -----------
     def begin(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._enter(model, "forward", args, kwargs)
-
-    def end(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        self._exit(model, "forward", output)
-
-    def call(self, model: nn.Module, name: str, original: Callable, args: tuple, kwargs: dict) -> Any:
-        """A public method of the model, called by the user or from its own code."""
-        if self.depth or torch.compiler.is_compiling():
-            return original(*args, **kwargs)
-        rep = self._model_replacement(name) if self.plan is not None else None
-        if rep is not None and model.training:
-            return self.replace(rep, model, original, args, kwargs)
-        self._enter(model, name, args, kwargs)
-        try:
-            output = original(*args, **kwargs)
-        except BaseException:
-            self._abort()
-            raise
-        self._exit(model, name, output)
-        return output
-
-    def _model_replacement(self, name: str) -> Replacement | None:
-        return next((r for r in self.plan.replacements if r.owner is None and r.method == name), None)
-
-    def _enter(self, model: nn.Module, name: str, args: tuple, kwargs: dict) -> None:
+        """The root's pre-hook. A forward is a top-level call of its own also where a wrapped method
+        (a Lightning training_step, say) calls it: that method's recording stops there."""
         self.depth += 1
         if self.depth > 1 or torch.compiler.is_compiling():  # torch.compile traces the model as written
             return
         self._pop_runs()  # left over by a forward that raised before its hooks could clean up
-        if self.recording is not None and not self.recording.active and self._step_over(name):
-            self._finish(model)
+        if self.recording is not None and self.recording.active:
+            self.recording.exit(None)
+        self._top(model, "forward", args, kwargs)
         if self.plan is None:
-            if model.training and self.failure is None:
-                self.seen.append(name)
-                if self.recording is None:
-                    self.recording, self.recorded_backwards = Recording(model), self.backwards
-                    self.saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
-                self.recording.enter(name, name, args, kwargs)
-            return
-        if model.training and name == self.plan.segments[0]:
-            self.kl_cache = None  # a new step
-        if name != "forward":
             return
         first = next((t for _, t in tensors_in((args, kwargs))), None)
         device = first.device if first is not None else next(model.parameters()).device
         s = self.plan.sampling
+        self.kl_cache = None
         self.replacing = s.replaceable and s.segment == "forward" and (
             self.sampling == "fused" or self.z_override is not None
             or (self.sampling == "auto" and routing.fused_sampling(device, math.prod(s.shape), self.plan.kl_from_sample)))
@@ -232,50 +202,87 @@ class Dropin:
         self.skipped = self.diverged = False
         self._event(("", "root", 0))
 
-    def _step_over(self, name: str) -> bool:
-        """Whether the recorded step is complete when a top-level call `name` begins."""
-        if self.plan is not None:  # the forward was analysed; only the calls on its results were still recorded
-            return True
-        return self.backwards > self.recorded_backwards or len(self.recording.trace.segments) >= MAX_SEGMENTS
-
-    def _abort(self) -> None:
-        self.depth -= 1
-        if self.depth == 0 and self.recording is not None and self.recording.active:
-            self.recording.exit(None)
-
-    def _exit(self, model: nn.Module, name: str, output: Any) -> None:
+    def end(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self.depth -= 1
         if self.depth > 0 or torch.compiler.is_compiling():
             return
-        if self.recording is not None and self.recording.active:
-            seg = self.recording.exit(output)
-            wrapped = self._wrap_objects(output, len(self.recording.trace.segments) - 1, seg.name)
-            if name == "forward" and output is not None:
-                try:
-                    self.plan = analyse(self.recording.trace)
-                except Refused:
-                    with torch.no_grad():
-                        for b, saved in self.saved_buffers:
-                            b.copy_(saved)
-                    self.recording.finish().drop()
-                    self.recording = None
-                    deaccelerate(model)
-                    raise
-                finally:
-                    self.saved_buffers = []
-                self._planned(model)
-                if not wrapped:  # no object whose methods (a posterior's kl()) could still be recorded: release the trace now
-                    self._finish(model)
+        if self._recorded(model, "forward", output):
             return
         if self.plan is None:
             return
-        if name == "forward" and self.live:
+        if self.live:
             self._event(("", "root", 1))
             self._pop_runs()
             if output is not None and self.skipped and "z" not in self.slots:
                 self._fail("the fused sample was never used")
         if model.training and output is not None:
+            self._install("forward", output)
+
+    def call(self, model: nn.Module, name: str, original: Callable, args: tuple, kwargs: dict) -> Any:
+        """A public method of the model, called by the user (a top-level call) or from its own code."""
+        if self.depth or self.method_depth or torch.compiler.is_compiling():
+            return original(*args, **kwargs)
+        rep = self._model_replacement(name) if self.plan is not None else None
+        if rep is not None and model.training:
+            return self.replace(rep, model, original, args, kwargs)
+        self.method_depth += 1
+        try:
+            self._top(model, name, args, kwargs)
+            output = original(*args, **kwargs)
+        except BaseException:
+            if self.recording is not None and self.recording.active and self.recording.trace.segments[-1].name == name:
+                self.recording.exit(None)
+            raise
+        finally:
+            self.method_depth -= 1
+        if not self._recorded(model, name, output) and self.plan is not None and model.training and output is not None:
             self._install(name, output)
+        return output
+
+    def _model_replacement(self, name: str) -> Replacement | None:
+        return next((r for r in self.plan.replacements if r.owner is None and r.method == name), None)
+
+    def _top(self, model: nn.Module, name: str, args: tuple, kwargs: dict) -> None:
+        """A top-level call begins: end the recorded step if it is over, and record this call while there is no plan."""
+        if self.recording is not None and not self.recording.active and self._step_over():
+            self._finish(model)
+        if self.plan is None and model.training and self.failure is None:
+            self.seen.append(name)
+            if self.recording is None:
+                self.recording, self.recorded_backwards = Recording(model), self.backwards
+                self.saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
+            self.recording.enter(name, name, args, kwargs)
+
+    def _step_over(self) -> bool:
+        """Whether the recorded step is complete when a top-level call begins."""
+        if self.plan is not None:  # the forward was analysed; only the calls on its results were still recorded
+            return True
+        return self.backwards > self.recorded_backwards or len(self.recording.trace.segments) >= MAX_SEGMENTS
+
+    def _recorded(self, model: nn.Module, name: str, output: Any) -> bool:
+        """A top-level call ends: if it was being recorded, note its result (a forward's is analysed now); whether it was."""
+        rec = self.recording
+        if rec is None or not rec.active or rec.trace.segments[-1].name != name:
+            return False
+        seg = rec.exit(output)
+        wrapped = self._wrap_objects(output, len(rec.trace.segments) - 1, seg.name)
+        if name == "forward" and output is not None:
+            try:
+                self.plan = analyse(rec.trace)
+            except Refused:
+                with torch.no_grad():
+                    for b, saved in self.saved_buffers:
+                        b.copy_(saved)
+                rec.finish().drop()
+                self.recording = None
+                deaccelerate(model)
+                raise
+            finally:
+                self.saved_buffers = []
+            self._planned(model)
+            if not wrapped:  # no object whose methods (a posterior's kl()) could still be recorded: release the trace now
+                self._finish(model)
+        return True
 
     def _finish(self, model: nn.Module) -> None:
         """The recorded step is over: analyse it (a step through methods) or complete the forward's plan

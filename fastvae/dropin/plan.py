@@ -150,7 +150,6 @@ class Plan:
     outputs: list[Output]
     windows: list[Window]
     replacements: list[Replacement] = dataclasses.field(default_factory=list)
-    segments: list[str] = dataclasses.field(default_factory=list)  # the top-level calls of the recorded step, in order
     notes: list[str] = dataclasses.field(default_factory=list)  # what runs as written, and why
 
     @property
@@ -628,4 +627,4 @@ def analyse(trace: Trace) -> Plan:
                         [] if reason or not in_forward else [f"{short(trace.calls[c].key)} at {trace.calls[c].where}" for c in sorted(skip)],
                         seg.name)
     windows = _windows(g, actions) if actions and any(s.name == "forward" for s in trace.segments) else []
-    return Plan(sampling, outputs, windows, replacements, [s.name for s in trace.segments if s.owner is None], notes)
+    return Plan(sampling, outputs, windows, replacements, notes)
