@@ -313,3 +313,20 @@ def test_cli_prepare(tmp_path, pictures, capsys):
     (tmp_path / "busy" / "x").write_text("mine")
     assert main(["prepare", str(tmp_path / "src"), str(tmp_path / "busy"), "--no-progress"]) == 2
     assert "fastvae prepare: error: out:" in capsys.readouterr().err
+
+
+def test_benchmark_helpers_run(tmp_path, real_data):
+    """The prepare benchmark (tiny) and the big-set maker (a few MB, shard by shard) run and produce what they say."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks import make_shards, prepare_bench
+
+    result = prepare_bench.run(24, 1)
+    assert set(result["images_per_s"]) == {"loop", "prepare-1", "prepare-2"} and result["ratio_prepare2_vs_loop"] > 0
+    out = make_shards.make(tmp_path / "big", 0.01, (3, 32, 32), labels=True, progress=False, shard_bytes=1 << 20)
+    ds = fastvae.data.open(out)
+    assert len(ds) == 3496 and len(ds.shards) == 11 and ds.shape == (3, 32, 32) and ds.labels.tolist()[:5] == real_data.labels[:5].tolist()
+    rows = np.arange(32) * 28 // 32
+    gray = real_data.images[7].numpy()[rows][:, rows].astype(np.uint16)
+    image = ds[7][0].numpy()
+    for c in range(3):  # each channel is the upscaled garment times some tint
+        assert any(np.array_equal(image[c], (gray * t >> 8).astype(np.uint8)) for t in range(64, 256))
