@@ -27,6 +27,7 @@ import shutil
 import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -69,7 +70,7 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, *, image_size: int |
         raise ValueError(f"workers (--workers) must be a positive integer, got {workers!r}")
     if shard_images is not None and (not isinstance(shard_images, int) or shard_images < 1):
         raise ValueError(f"shard_images must be a positive integer, got {shard_images!r}")
-    source = _Source.of(src, labels)
+    source = _Source.of(src, labels, out)
     settings = {"source": source.describe(), "image_size": image_size, "channels": channels, "shard_images": shard_images}
     key = {"settings": settings, "fingerprint": source.fingerprint}
     done = _check_out(out, key)
@@ -101,7 +102,7 @@ class _Source:
         self.path = path
 
     @staticmethod
-    def of(src: Path, labels: str | os.PathLike | None) -> "_Source":
+    def of(src: Path, labels: str | os.PathLike | None, out: Path) -> "_Source":
         if not src.exists():
             raise FileNotFoundError(f"src: {src} does not exist; give a folder of images (JPEG, PNG, WebP, BMP), "
                                     f"an IDX images file or a .npy array")
@@ -109,7 +110,7 @@ class _Source:
             if labels is not None:
                 raise ValueError("labels (--labels) is for an IDX or .npy source; an image folder takes its labels from "
                                  "its sub-folder names")
-            return _Folder(src)
+            return _Folder(src, out)
         return _Array(src, labels)
 
     def describe(self) -> dict:
@@ -119,11 +120,13 @@ class _Source:
 class _Folder(_Source):
     kind = "folder"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, out: Path):
         super().__init__(path)
         files, ignored = [], 0
+        seen = {os.path.realpath(out)}  # OUT inside SRC is not searched; a symlink cycle is followed once
         for root, dirs, names in os.walk(path, followlinks=True):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            seen.add(os.path.realpath(root))
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in seen)
             for name in names:
                 if name.startswith("."):
                     continue
@@ -474,10 +477,13 @@ def _run_jobs(jobs: list, out: Path, workers: int):
         try:
             for future in as_completed(futures):
                 yield future.result()
-        except BaseException:
+        except BrokenProcessPool:
+            raise ChildProcessError(f"a worker process died (killed, or out of memory?) while converting into {out}; the "
+                                    f"finished shards are kept: run the same command again to resume (with fewer --workers "
+                                    f"if memory is short)") from None
+        finally:
             for f in futures:
                 f.cancel()
-            raise
 
 
 def _map(fn, args: list, workers: int, progress: bool, desc: str) -> list:

@@ -158,6 +158,18 @@ def test_labels_only_from_subfolders(tmp_path, pictures):
     assert "class sub-folder" in ds.manifest["skipped"][0]["reason"]
 
 
+def test_out_inside_src_and_a_symlink_cycle(tmp_path, pictures):
+    images, _ = pictures
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(images[i], "L").save(tmp_path / "src" / "a" / f"{i}.png")
+    (tmp_path / "src" / "a" / "loop").symlink_to("..")  # followed once, not forever
+    out = prepare(tmp_path / "src", tmp_path / "src" / "shards", progress=False)
+    ds = fastvae.data.open(out)
+    assert len(ds) == 3 and ds.label_names == ["a"]
+    assert prepare(tmp_path / "src", out, progress=False) == out  # OUT is not searched: the same files, nothing to do
+
+
 def test_empty_imageless_and_unreadable_folders(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="src: .*empty is empty"):
