@@ -17,7 +17,7 @@ same bytes as an uninterrupted run; a re-run with other settings is refused.
 """
 from __future__ import annotations
 
-import gzip
+import contextlib
 import hashlib
 import json
 import math
@@ -29,7 +29,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -403,6 +403,28 @@ def _check_out(out: Path, key: dict) -> bool:
 
 
 def _run(source: _Source, out: Path, key: dict, plan: dict, workers: int, progress: bool) -> Path:
+    state = out / STATE_DIR
+    with _lock(state):
+        return _convert(source, out, key, plan, workers, progress)
+
+
+@contextlib.contextmanager
+def _lock(state: Path):
+    """One prepare at a time per OUT: a second one (which would delete the first one's temporary files) is refused."""
+    with open(state / "lock", "w") as f:
+        try:
+            import fcntl
+
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # not POSIX: no lock
+            pass
+        except OSError:
+            raise FileExistsError(f"out: another `fastvae prepare` is writing into {state.parent} now; wait for it to "
+                                  f"finish (or stop it; a re-run then resumes)") from None
+        yield
+
+
+def _convert(source: _Source, out: Path, key: dict, plan: dict, workers: int, progress: bool) -> Path:
     state = out / STATE_DIR
     for leftover in out.glob(".*.tmp"):  # the temporary files of a killed run: never taken as whole
         leftover.unlink()

@@ -17,7 +17,6 @@ PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
 import fastvae  # noqa: E402
-from fastvae import shards  # noqa: E402
 from fastvae.cli import main  # noqa: E402
 from fastvae.prepare import KILL_AFTER_ENV, prepare  # noqa: E402
 
@@ -250,6 +249,12 @@ def test_disk_full_mid_shard_then_resume(tmp_path, pictures):
     with pytest.raises(FileExistsError, match="its source files changed since"):
         prepare(tmp_path / "src", tmp_path / "out", image_size=16, workers=1, progress=False)
     (tmp_path / "src" / "class0" / "new.png").unlink()
+    import fcntl
+
+    with open(tmp_path / "out" / ".prepare" / "lock", "w") as held:  # another prepare at work on the same OUT
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(FileExistsError, match="another `fastvae prepare` is writing into"):
+            prepare(tmp_path / "src", tmp_path / "out", image_size=16, workers=1, progress=False)
     again = prepare(tmp_path / "src", tmp_path / "out", image_size=16, workers=1, progress=False)
     assert _files(again) == _files(clean)
 
