@@ -276,11 +276,17 @@ def _header(path: str):
     try:
         with Image.open(path) as img:
             w, h = img.size
-            if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+            if _orientation(img) in (5, 6, 7, 8):  # turned by 90 degrees
                 w, h = h, w
             return img.mode, (w, h)
     except Exception as exc:  # Pillow raises many kinds (OSError, SyntaxError, ValueError, ...) for a bad file
         return _reason(exc)
+
+
+def _orientation(img) -> int:
+    """The EXIF orientation (1: upright) where the header holds EXIF (JPEG, WebP, PNG with eXIf before the pixels);
+    read without decoding: Pillow's PNG getexif() would decode the whole image to look for a late eXIf chunk."""
+    return img.getexif().get(0x0112, 1) if "exif" in img.info else 1
 
 
 def _reason(exc: Exception) -> str:
@@ -302,7 +308,7 @@ def _to_chw(img, shape: Sequence[int], resize: bool) -> np.ndarray:
     from PIL import Image, ImageOps
 
     c, h, w = shape
-    if img.getexif().get(0x0112, 1) != 1:  # a rotated photo is turned upright (exif_transpose copies even when it need not)
+    if _orientation(img) != 1:  # a rotated photo is turned upright (exif_transpose copies even when it need not)
         img = ImageOps.exif_transpose(img)
     if img.mode == "I" or img.mode.startswith("I;16"):  # 16-bit gray (PNG): scaled to 0..255, where convert() would clip
         a = np.asarray(img).astype(np.float64) / 257.0

@@ -143,6 +143,23 @@ def test_jpeg_draft_decoding_is_used_and_close(tmp_path, pictures):
     assert np.abs(got.astype(int) - full).mean() < 8  # the draft is a sane approximation of the full decode
 
 
+def test_exif_orientation_is_applied(tmp_path, pictures):
+    from PIL import ImageOps
+
+    images, _ = pictures
+    (tmp_path / "src").mkdir()
+    tall = np.concatenate([images[0], images[1][:12]])  # 40 high, 28 wide
+    Image.fromarray(tall, "L").save(tmp_path / "src" / "a.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": stored 40 wide, 28 high
+    Image.fromarray(np.ascontiguousarray(np.rot90(tall, 1)), "L").save(tmp_path / "src" / "b.jpg", exif=exif, quality=95)
+    ds = fastvae.data.open(prepare(tmp_path / "src", tmp_path / "out", progress=False))  # the header scan sees both upright
+    assert ds.shape == (1, 40, 28)
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "src" / "b.jpg")))
+    assert upright.shape == (40, 28) and np.array_equal(ds[1][0].numpy()[0], upright)
+    assert np.abs(ds[1][0].numpy()[0].astype(int) - tall).mean() < 4  # upright indeed (JPEG-close to the original)
+
+
 def test_labels_only_from_subfolders(tmp_path, pictures):
     images, _ = pictures
     (tmp_path / "flat").mkdir()
