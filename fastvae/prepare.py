@@ -61,7 +61,7 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, *, image_size: int |
     most 64 MB of pixels, at least 256 images or 1/64 of the set).
     Returns `out`; a finished `out` of the same settings and source is returned as it is.
     """
-    src, out = Path(src), Path(out)
+    src, out = Path(src).expanduser(), Path(out).expanduser()
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise ValueError(f"image_size (--image-size) must be a positive integer, got {image_size!r}")
     if channels not in (None, 1, 3):
@@ -201,7 +201,7 @@ class _Array(_Source):
             raise ValueError(f"src: {path} holds shape {a.shape}; expected (N, H, W), (N, C, H, W) or (N, H, W, C) with C 1 or 3")
         if a.shape[0] == 0:
             raise ValueError(f"src: {path} holds no images (shape {a.shape})")
-        self.labels_path = Path(labels) if labels is not None else _idx_labels_beside(path) if self.kind == "idx" else None
+        self.labels_path = Path(labels).expanduser() if labels is not None else _idx_labels_beside(path) if self.kind == "idx" else None
         self.labels = None
         if self.labels_path is not None:
             lab = _read_array(self.labels_path, "labels")

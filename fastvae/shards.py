@@ -146,7 +146,7 @@ def check_out_folder(out: str | os.PathLike, *, argument: str = "out", allowed: 
 
     `allowed`: names that may already be there (a caller's own partial state). Nothing is deleted.
     """
-    out = Path(out)
+    out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{argument}: {out} exists and is not a folder; give a new or empty folder for the shards")
     if out.is_dir():
@@ -352,7 +352,7 @@ def open(path: str | os.PathLike, *, verify: str = "auto") -> ShardSet:
     """
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
-    folder = Path(path)
+    folder = Path(path).expanduser()
     if folder.name == MANIFEST and folder.is_file():
         folder = folder.parent
     manifest_path = folder / MANIFEST
