@@ -148,17 +148,6 @@ def workload(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
                     lambda M=M, K=K, hidden=hidden, N=N, dt=dt, out_dt=out_dt, t=training: _decode(M, K, hidden, N, dt, out_dt, t)
 
 
-@contextlib.contextmanager
-def recording() -> Iterator[list]:
-    """Launches recorded instead of run: (kernel, grid, args, kwargs)."""
-    calls: list = []
-    _common._recorder = calls
-    try:
-        yield calls
-    finally:
-        _common._recorder = None
-
-
 @dataclass
 class Job:
     kernel: str  # "module.name"
@@ -195,7 +184,7 @@ def jobs(quick: bool) -> list[Job]:
     unique: dict[tuple, Job] = {}
     archs = ARCHS
     for label, call in workload(quick):
-        with recording() as calls:
+        with _common.recording() as calls:
             call()
         for kernel, grid, args, kwargs in calls:
             for arch in archs:
