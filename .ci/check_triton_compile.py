@@ -112,7 +112,7 @@ def _decode(M: int, K: int, hidden: tuple[int, ...], N: int, dt: torch.dtype, ou
             decode.decode_mlp(layers, None, meta(dtype=torch.int64), 0, out)
             if not training_only:
                 decode.decode_mlp(layers, meta(M, K, dtype=dt), 7, 0, out)
-    if not training_only:
+    if not training_only and out_dt == torch.uint8:  # the image tail writes uint8 only
         decode.to_image(meta(M, N, dtype=dt), out, True)
 
 

@@ -98,9 +98,9 @@ at::Tensor check_to_image(const at::Tensor& values, const at::Tensor& out, at::D
   check_on("out", out, values.device());
   check_float("values", values);
   TORCH_CHECK(out.sizes() == values.sizes(), "fastvae: out must have values' shape ", values.sizes(), ", got ", out.sizes());
-  TORCH_CHECK(out.scalar_type() == at::kByte || out.is_floating_point(), "fastvae: out must be uint8 or floating point");
-  const bool direct = out.is_contiguous() && (out.scalar_type() == at::kByte || out.scalar_type() == values.scalar_type());
-  return direct ? out : at::empty(values.sizes(), values.options().dtype(out.scalar_type() == at::kByte ? at::kByte : values.scalar_type()));
+  TORCH_CHECK(out.scalar_type() == at::kByte, "fastvae: to_image writes uint8 images, got out of ", out.scalar_type(),
+              " (a float output is torch.sigmoid's)");
+  return out.is_contiguous() ? out : at::empty(values.sizes(), values.options().dtype(at::kByte));
 }
 
 const int64_t* seed_pointer(const OptTensor& seed_t, int64_t seed, const at::Device& device) {

@@ -92,15 +92,14 @@ def _linear(in_ptr, w_ptr, b_ptr, out_ptr, M, K, N, SIGMOID: tl.constexpr, U8: t
 
 
 @triton.jit
-def _to_image(v_ptr, out_ptr, n, FROM_LOGITS: tl.constexpr, U8: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _to_image(v_ptr, out_ptr, n, FROM_LOGITS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     p = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC)
     if FROM_LOGITS:
         p = tl.sigmoid(p)
-    if U8:
-        p = tl.floor(tl.minimum(tl.maximum(p, 0.0), 1.0) * 255.0 + 0.5)
-    tl.store(out_ptr + offs, p.to(out_ptr.dtype.element_ty), mask=mask)
+    p = tl.floor(tl.minimum(tl.maximum(p, 0.0), 1.0) * 255.0 + 0.5)
+    tl.store(out_ptr + offs, p.to(tl.uint8), mask=mask)
 
 
 def precision() -> str:
@@ -210,13 +209,16 @@ def decode_mlp(layers: list[tuple[torch.Tensor, torch.Tensor]], z: torch.Tensor 
 
 
 def to_image(values: torch.Tensor, out: torch.Tensor, from_logits: bool, *, block: int | None = None) -> None:
-    """out = sigmoid(values) (if from_logits) or values, quantised to floor(p * 255 + 0.5) for uint8 out."""
+    """uint8 out = floor(clamp(p, 0, 1) * 255 + 0.5) of p = sigmoid(values) (if from_logits) or values.
+    A float output is not this kernel's: decode_latents writes it with torch's sigmoid."""
+    if out.dtype != torch.uint8:
+        raise ValueError(f"to_image writes uint8 images, got out of {out.dtype} (a float output is torch.sigmoid's)")
     n = values.numel()
     if n == 0:
         return
     target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     cfg = image_config().override(BLOCK=block)
     launch(_to_image, (triton.cdiv(n, cfg.blocks["BLOCK"]),), values.contiguous(), target, n, config=cfg, FROM_LOGITS=from_logits,
-           U8=out.dtype == torch.uint8, ACC=acc_dtype(values))
+           ACC=acc_dtype(values))
     if target is not out:
         out.copy_(target)
