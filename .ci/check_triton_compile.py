@@ -13,11 +13,12 @@ by the Box-Muller angle 2 pi u < 6.3, keeps a local array that ptxas counts as s
 few variants: reported apart), when a kernel with value checks has other than one atomic (the flag OR,
 once per program), or when the reparam kernels call Philox more than once per 4 outputs.
 
-    env -u TRITON_INTERPRET python .ci/check_triton_compile.py [--quick] [--jobs N] [--markdown]
+    env -u TRITON_INTERPRET python .ci/check_triton_compile.py [--quick] [--jobs N] [--markdown] [--doc docs/gpu.md]
 
 --quick (CI) compiles the shapes the reference run and the benchmarks use, in float32 and
 bfloat16, each variant the training step launches; the full set (a few minutes per core) is
-what the compile table of docs/gpu.md reports (--markdown prints it, for its triton-compile block).
+what the compile table of docs/gpu.md reports: --markdown prints it, --doc writes it into a file's
+triton-compile block (a full run that passed only).
 """
 from __future__ import annotations
 
@@ -267,7 +268,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="CI subset: the reference and benchmark shapes, fp32/bf16, training variants")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--markdown", action="store_true", help="also print the summary table of docs/gpu.md (its triton-compile block)")
+    parser.add_argument("--doc", default=None, help="rewrite this file's triton-compile block with the summary table (e.g. docs/gpu.md; "
+                                                    "full set only, and only when everything passed)")
     opts = parser.parse_args()
+    if opts.doc and opts.quick:
+        parser.error("--doc writes the full set's table: run it without --quick")
     started = time.perf_counter()
     todo = jobs(opts.quick)
     print(f"triton {triton.__version__}: {len(todo)} distinct kernel compilations ({'quick' if opts.quick else 'full'} set)", flush=True)
@@ -300,6 +305,15 @@ def main() -> None:
     print(f"compiled {len(todo)} in {time.perf_counter() - started:.0f} s")
     if failures:
         sys.exit("FAILED:\n  " + "\n  ".join(failures))
+    if opts.doc:
+        from benchmarks.report import rewrite_block
+
+        if not rewrite_block(opts.doc, markdown(todo, results) + "\n", MARKERS):
+            sys.exit(f"{opts.doc} has no {MARKERS[0]} ... {MARKERS[1]} block")
+        print(f"rewrote the compile table in {opts.doc}")
+
+
+MARKERS = ("<!-- triton-compile:start -->", "<!-- triton-compile:end -->")  # the table's place in docs/gpu.md
 
 
 def markdown(todo: list[Job], results: list[dict]) -> str:
