@@ -240,7 +240,7 @@ class _MLPStep:
 
 
 _OPS = {"reparam": _Reparam, "loss": _Loss, "decode": _Decode, "bias_grad": _BiasGrad, "mlp_step": _MLPStep}
-CPU_ONLY = ("bias_grad", "mlp_step")  # the training step's pieces: CUDA runs them as PyTorch calls and Triton kernels
+CPU_ONLY = ("bias_grad", "mlp_step")  # the training step's: CUDA runs it as PyTorch calls and Triton kernels
 
 
 def load_ops(op: str, device: str) -> Any:

@@ -13,11 +13,9 @@ from torch import nn
 from . import checkpoint, distributed, models, plots
 from . import data as datasets
 from .apps import latent_map
-from .backends import resolve
+from .backends import OPS, resolve
 from .model import VAE
 from .trainer import CHECKPOINT, METRICS, TrainConfig, Trainer
-
-OPS = ("reparam", "loss", "decode")
 
 
 def default_out(dataset: str) -> Path:

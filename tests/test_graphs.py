@@ -159,7 +159,7 @@ def test_graph_step_body_trains_like_the_eager_loop(monkeypatch):
 # -- the captured step's kernel launches and bytes, counted on CPU -------------------------------------------------------
 
 KERNELS = ("reparam_forward", "reparam_backward", "loss_forward", "scale_grads", "decode_mlp", "to_image", "bias_grad")
-STEP_LAUNCHES = 25  # kernel launches of one captured training step of the reference model (hand-written step)
+STEP_LAUNCHES = 25  # kernel launches of one captured training step of the reference model (docs/gpu.md "Checked without a GPU")
 AUTOGRAD_LAUNCHES = 60  # the autograd step (captured for models the hand-written step does not cover): 54 today
 GEMMS = ("aten.mm.", "aten.addmm.", "aten._addmm_activation.", "aten.bmm.", "aten.baddbmm.")
 NO_LAUNCH = ("aten.empty.", "aten.empty_strided.", "aten.empty_like.")  # allocations: a captured graph takes them from its pool

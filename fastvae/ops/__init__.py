@@ -6,12 +6,13 @@ fastvae compiles and launches nothing.
 from functools import partial
 
 from .. import backends
-from .._extension import CPU_ONLY, load_ops
-from .._triton import OPS, load_kernels
+from .._extension import load_ops
+from .._triton import TRITON_OPS, load_kernels
+from ..backends import OPS, STEP_OPS
 
-for _op in OPS:
+for _op in TRITON_OPS:
     backends.register(_op, "triton", partial(load_kernels, _op))
-for _op in OPS + ("mlp_step",):
+for _op in OPS + STEP_OPS:
     backends.register(_op, "cpp", partial(load_ops, _op, "cpu"))
-    if _op not in CPU_ONLY:
-        backends.register(_op, "cuda", partial(load_ops, _op, "cuda"))
+for _op in OPS:
+    backends.register(_op, "cuda", partial(load_ops, _op, "cuda"))
