@@ -193,6 +193,7 @@ class _DecodeCPU(_Decode):
         torch.ops.fastvae.decode_mlp(weights, biases, z.contiguous() if z is not None else None, seed_t, seed_value, start, out)
 
 
+@torch.no_grad()
 def _decode_mlp_reference(layers: list[tuple[torch.Tensor, torch.Tensor]], z: torch.Tensor | None, seed: int | torch.Tensor, start: int,
                           out: torch.Tensor) -> None:
     """decode_mlp in PyTorch (dtypes the kernel does not take)."""

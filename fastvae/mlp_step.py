@@ -166,6 +166,7 @@ class MLPStep:
         self._layout = [v for m, r in zip(linears, rows) for v in (r, m.in_features, at[id(m.weight)], at[id(m.bias)])]
         self._buffers = (optimizer.flat, optimizer.flat_grad, optimizer.exp_avg, optimizer.exp_avg_sq)
         self._spaces: dict[int, _Workspace] = {}
+        self._255 = torch.tensor(255.0, dtype=probe.dtype, device=probe.device)  # 0-dim: the division runs in the parameters' dtype
 
     def space(self, batch: int) -> _Workspace:
         """The buffers of this batch size (allocated on first use; a CUDA graph keeps using them)."""
@@ -224,6 +225,7 @@ class MLPStep:
             return self._one_op(x, beta, seed, None)
         return self.calls(x, beta, seed)
 
+    @torch.no_grad()
     def calls(self, x: torch.Tensor, beta: float | torch.Tensor, seed: int | torch.Tensor | None = None) -> LossTerms:
         """forward_backward as PyTorch calls and the fused ops' kernels, on this batch size's buffers: any device,
         and what a CUDA graph captures (fastvae.graphs: beta as set_beta's tensor, seed a device tensor)."""
@@ -235,7 +237,7 @@ class MLPStep:
             raise ValueError("a tensor beta must be the one set_beta returned for this batch size")
         flags = _checks.flag_word(x.device)
         # forward: `inputs` holds each encoder layer's input, then the heads'; `dec_in` each decoder layer's
-        inputs = [torch.div(x, 255.0, out=ws.x) if x.dtype == torch.uint8 else x]  # uint8 pixels read as x / 255: one pass
+        inputs = [torch.div(x, self._255, out=ws.x) if x.dtype == torch.uint8 else x]  # uint8 pixels read as x / 255 in one pass
         for layer, h in zip(self.enc, ws.enc):
             torch._addmm_activation(layer.bias, inputs[-1], layer.weight.t(), out=h)  # bias + ReLU in the product's epilogue on CUDA
             inputs.append(h)

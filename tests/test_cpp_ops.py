@@ -512,8 +512,8 @@ def test_decode_mlp_equals_reference_and_writes_every_element(dtype, pixels, hid
     _extension._decode_mlp_reference(layers, z, 11, 5, want)
     if pixels:
         assert (out.int() - want.int()).abs().max() <= 1
-    else:
-        torch.testing.assert_close(out, want, **tol(dtype))
+    else:  # the prior's draws agree with the PyTorch Philox to float32 rounding (sin/cos/log of the kernels' own)
+        torch.testing.assert_close(out, want, **(tol(dtype) if given else {"rtol": 1e-5, "atol": 1e-6}))
 
 
 def test_decode_latents_runs_the_cpp_mlp_decoder():

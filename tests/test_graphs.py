@@ -160,7 +160,7 @@ def test_graph_step_body_trains_like_the_eager_loop(monkeypatch):
 
 KERNELS = ("reparam_forward", "reparam_backward", "loss_forward", "scale_grads", "decode_mlp", "to_image", "bias_grad")
 STEP_LAUNCHES = 25  # kernel launches of one captured training step of the reference model (docs/gpu.md "Checked without a GPU")
-AUTOGRAD_LAUNCHES = 60  # the autograd step (captured for models the hand-written step does not cover): 54 today
+AUTOGRAD_LAUNCHES = 45  # the autograd step (other models, and the reference model before): 40 launches, 41 with a KL warm-up
 GEMMS = ("aten.mm.", "aten.addmm.", "aten._addmm_activation.", "aten.bmm.", "aten.baddbmm.")
 NO_LAUNCH = ("aten.empty.", "aten.empty_strided.", "aten.empty_like.")  # allocations: a captured graph takes them from its pool
 PHILOX_OPS = ("bitwise_and", "bitwise_xor", "rshift", "lshift", "remainder", "gather")  # the PyTorch Philox reference's
@@ -207,6 +207,7 @@ def _aten_launch(func, args, kwargs, out) -> Launch:
         writes = arg.alias_info is not None and arg.alias_info.is_write
         mutated |= writes
         write_only = writes and (arg.name.startswith("out") or arg.name == "grad_input" or name.startswith("aten.copy_."))
+        writes = writes and not (name.startswith("aten._fused_adam") and arg.name == "grads")  # mutable only for a grad scaler
         launch.read += 0 if write_only else size
         launch.written += size if writes else 0
     if not mutated:
@@ -352,7 +353,7 @@ def test_the_steps_other_kernels_move_at_most_1_5x_the_minimum_bytes(monkeypatch
     moved = sum(op.read + op.written for op in others)
     adam = sum(op.read + op.written for op in others if op.name.startswith("aten._fused_adam_"))
     table = "\n".join(f"{op.name}: {op.read + op.written} bytes" for op in others)
-    assert adam == minimum["adam"], table
+    assert minimum["adam"] <= adam <= 1.001 * minimum["adam"], table  # the flat buffers' alignment gaps: a few elements
     assert moved <= 1.5 * sum(minimum.values()), table
     assert moved - adam <= 1.5 * (sum(minimum.values()) - adam), f"{moved - adam} bytes besides Adam, minimum {sum(minimum.values()) - adam}:\n{table}"
 
