@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import _checks, checkpoint, distributed, graphs, mlp_step
+from . import _checks, _memory, checkpoint, distributed, graphs, mlp_step
 from .iwae import iwae_terms
 from .schedules import SCHEDULES, kl_weight
 
@@ -196,7 +196,8 @@ class Trainer:
         # flags stay on (they cost nothing) and are read at every logging step (_check_values), on CPU too.
         self._checked_step = self.step
         _checks.clear_flags(self.device)  # only this run's steps are reported
-        with _checks.python_passes(False), _checks.deferred(), graphs.tf32(self.config.tf32), mlp_step.packed(self.optimizer):
+        with _checks.python_passes(False), _checks.deferred(), graphs.tf32(self.config.tf32), mlp_step.packed(self.optimizer), \
+                _memory.heap_reuse(self.device):
             self._fused = mlp_step.engine(self)
             self._graph = graphs.engine(self)
             while self.epoch < self.config.epochs:
