@@ -174,42 +174,6 @@ class _Decode:
         torch.ops.fastvae.to_image(values, out, bool(from_logits))
 
 
-class _DecodeCPU(_Decode):
-    """The CPU's decode: the tail, and the whole MLP decoder of a chunk as one op (products straight to the BLAS,
-    bias + ReLU and bias + sigmoid folded into one in-cache pass each)."""
-
-    @staticmethod
-    def routing() -> str:
-        return "cpp decode: the whole MLP decoder as one op at every size (CPU: measured faster than the eager decoder from 128 latents up)"
-
-    @staticmethod
-    def decode_mlp(layers: list[tuple[torch.Tensor, torch.Tensor]], z: torch.Tensor | None, seed: int | torch.Tensor, start: int,
-                   out: torch.Tensor) -> None:
-        weights, biases = [w for w, _ in layers], [b for _, b in layers]
-        if _dtype_reason(weights[0]) is not None or (z is not None and z.dtype != weights[0].dtype):
-            _decode_mlp_reference(layers, z, seed, start, out)
-            return
-        seed_t, seed_value = _seed_args(seed)
-        torch.ops.fastvae.decode_mlp(weights, biases, z.contiguous() if z is not None else None, seed_t, seed_value, start, out)
-
-
-@torch.no_grad()
-def _decode_mlp_reference(layers: list[tuple[torch.Tensor, torch.Tensor]], z: torch.Tensor | None, seed: int | torch.Tensor, start: int,
-                          out: torch.Tensor) -> None:
-    """decode_mlp in PyTorch (dtypes the kernel does not take)."""
-    import torch.nn.functional as F
-
-    from .ops import philox
-    from .ops.decode import to_image_reference
-
-    weight = layers[0][0]
-    rows, latent = out.shape[0], weight.shape[1]
-    h = z if z is not None else philox.randn(seed, rows * latent, offset=start * latent, device=weight.device).view(rows, latent).to(weight.dtype)
-    for w, b in layers[:-1]:
-        h = F.relu(F.linear(h, w, b))
-    to_image_reference(F.linear(h, *layers[-1]), out, True)
-
-
 class _BiasGrad:
     """fastvae.ops.bias_grad's backend interface (CPU kernel)."""
 
@@ -250,9 +214,6 @@ def load_ops(op: str, device: str) -> Any:
         raise ValueError(f"op must be one of {tuple(_OPS)}, got {op!r}")
     if device == "cuda" and op in CPU_ONLY:
         raise RuntimeError(f"the CUDA kernels do not implement {op}")
-    if device == "cpu" and op == "decode":
-        library()
-        return _DecodeCPU()
     if device == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"torch {torch.__version__} has no usable CUDA (torch.cuda.is_available() is False)")

@@ -92,13 +92,37 @@ class Run(Protocol):
     config: Any
 
 
-def unsupported(run: Run) -> str | None:
-    """Why the hand-written step cannot train `run`'s model, or None."""
-    from .model import VAE
+HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+METHODS = ("forward", "loss_terms", "posterior", "decode_logits", "train_logits", "flatten", "target")
 
-    model, c = run.model, run.config
+
+def _as_built(model: nn.Module) -> str | None:
+    """Why `model` may compute something other than fastvae.VAE's own forward and loss (a subclass, other
+    modules, hooks, a replaced method), or None: the hand-written step must never bypass what a user added."""
+    from .model import VAE, MLPDecoder, MLPEncoder
+
+    plain = (VAE, MLPEncoder, MLPDecoder, nn.Linear)
     if type(model) is not VAE:
         return f"{type(model).__name__} is not fastvae.VAE"
+    for m in model.modules():
+        if type(m) not in plain:
+            return f"it holds a {type(m).__name__}"
+        if any(getattr(m, h, None) for h in HOOKS) or any(name in m.__dict__ for name in METHODS):
+            return f"its {type(m).__name__} has hooks or a replaced method"
+    registry = nn.modules.module
+    if any(getattr(registry, f"_global{h}", None) for h in HOOKS):
+        return "global module hooks are registered"
+    if any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters()):
+        return "a parameter has hooks"
+    return None
+
+
+def unsupported(run: Run) -> str | None:
+    """Why the hand-written step cannot train `run`'s model, or None."""
+    model, c = run.model, run.config
+    why = _as_built(model)
+    if why is not None:
+        return why
     if c.objective != "elbo" or c.amp or run.shard is not None or run.labels is not None:
         return "it trains the ELBO in one process without autocast"
     opt = run.optimizer

@@ -496,33 +496,6 @@ def test_decode_latents_cpp_equals_torch_backend():
     torch.testing.assert_close(p, decode.decode_latents(model, n=37, latent_dim=4, seed=3, backend="torch"))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("pixels", [False, True], ids=["float", "uint8"])
-@pytest.mark.parametrize("hidden,rows", [((32,), 1), ((33, 17), 37), ((), 5)])
-@pytest.mark.parametrize("given", [True, False], ids=["z", "prior"])
-def test_decode_mlp_equals_reference_and_writes_every_element(dtype, pixels, hidden, rows, given):
-    """The whole MLP decoder of a chunk (rows from `start`), against the PyTorch formulation."""
-    torch.manual_seed(0)
-    layers = decode.mlp_layers(fastvae.MLPDecoder(4, hidden, 29).to(dtype))
-    z = torch.randn(rows, 4, dtype=dtype) if given else None
-    out_dtype = torch.uint8 if pixels else dtype
-    out = torch.full((rows, 29), 7 if pixels else float("nan"), dtype=out_dtype)
-    _extension.load_ops("decode", "cpu").decode_mlp(layers, z, 11, 5, out)
-    want = torch.empty_like(out)
-    _extension._decode_mlp_reference(layers, z, 11, 5, want)
-    if pixels:
-        assert (out.int() - want.int()).abs().max() <= 1
-    else:  # the prior's draws agree with the PyTorch Philox to float32 rounding (sin/cos/log of the kernels' own)
-        torch.testing.assert_close(out, want, **(tol(dtype) if given else {"rtol": 1e-5, "atol": 1e-6}))
-
-
-def test_decode_latents_runs_the_cpp_mlp_decoder():
-    model = fastvae.VAE(hidden_dims=(32,), latent_dim=4).eval()
-    assert hasattr(_extension.load_ops("decode", "cpu"), "decode_mlp")
-    z = torch.randn(300, 4)
-    torch.testing.assert_close(decode.decode_latents(model, z, backend="cpp", chunk_size=128), torch.sigmoid(model.decoder(z)).detach())
-
-
 # ---- both CPU copies ---------------------------------------------------------------------------
 
 def _all_ops(dtype, target):

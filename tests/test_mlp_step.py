@@ -8,6 +8,7 @@ import torch
 import fastvae
 from fastvae import backends as report
 from fastvae.arena import FlatAdam
+from fastvae import mlp_step
 from fastvae.mlp_step import MLPStep, make_optimizer
 from fastvae.ops import bias_grad as bias_grad_op
 from fastvae.ops.loss import loss_reference, loss_terms
@@ -235,3 +236,24 @@ def test_fused_step_reaches_the_autograd_runs_final_loss():
         losses[backend] = trainer.fit()[-1]["loss"]
         assert (trainer._fused is not None) == (backend == "auto")
     assert losses["auto"] == pytest.approx(losses["torch"], rel=0.01)
+
+
+@pytest.mark.parametrize("change", ["forward hook", "pre-hook", "replaced method", "parameter hook", "subclass"])
+def test_a_model_the_step_would_bypass_keeps_the_autograd_step(change):
+    """Hooks, replaced methods and subclasses run only in the autograd step: the hand-written one is never used then."""
+    class Mine(fastvae.VAE):
+        pass
+
+    model = Mine() if change == "subclass" else fastvae.VAE()
+    if change == "forward hook":
+        model.encoder.register_forward_hook(lambda module, args, out: out)
+    elif change == "pre-hook":
+        model.decoder.fc1.register_forward_pre_hook(lambda module, args: None)
+    elif change == "replaced method":
+        model.posterior = model.posterior
+    elif change == "parameter hook":
+        model.encoder.fc1.weight.register_hook(lambda g: g)
+    trainer = fastvae.Trainer(model, _images(16), fastvae.TrainConfig(epochs=1, progress=False), device="cpu")
+    assert mlp_step.unsupported(trainer) is not None
+    trainer.fit()
+    assert trainer._fused is None

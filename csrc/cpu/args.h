@@ -1,6 +1,6 @@
 // The arguments of the CPU kernels (one struct per kernel), and the kernels' declarations in both
 // ISA copies (common.h: FASTVAE_CPU_RUN picks one), so that one op can run another op's kernel
-// (mlp_step.cpp runs reparam's and loss's inside the training step, decode.cpp mlp_step's epilogue).
+// (mlp_step.cpp runs reparam's and loss's inside the training step).
 #pragma once
 
 #include <cstdint>
@@ -31,7 +31,7 @@ struct LossArgs {
   FlagSink* flags;  // null: no value checks
 };
 
-enum class Activation : int { kNone, kRelu, kSigmoid };
+enum class Activation : int { kNone, kRelu };
 
 template <typename T>
 struct BiasActArgs {

@@ -1,5 +1,5 @@
-// Matrix products on raw row-major pointers for the CPU ops that chain several (mlp_step.cpp,
-// decode.cpp): straight to the BLAS torch's own CPU products call (MKL's sgemm/dgemm in the x86
+// Matrix products on raw row-major pointers for the CPU ops that chain several (mlp_step.cpp):
+// straight to the BLAS torch's own CPU products call (MKL's sgemm/dgemm in the x86
 // wheels), with none of a torch call's checks, allocation and dispatch; ATen's product where no
 // BLAS symbol is linked.
 #pragma once

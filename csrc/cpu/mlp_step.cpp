@@ -65,8 +65,7 @@ void bias_grad(const BiasGradArgs<T>& a) {
   });
 }
 
-// A product's epilogue: bias added to every row, then the activation (ReLU: NaN stays NaN, as
-// torch.relu; sigmoid: from exp(-|v|), no overflow, as common.h's sigmoid_from).
+// A product's epilogue: bias added to every row, then ReLU if asked (NaN stays NaN, as torch.relu).
 template <typename T>
 void bias_act(const BiasActArgs<T>& a) {
   constexpr int64_t W = Vec<T>::size();
@@ -77,7 +76,6 @@ void bias_act(const BiasActArgs<T>& a) {
         const int64_t c = std::min(W, a.cols - j);
         Vec<T> v = load(row + j, c) + load(a.bias + j, c);
         if (a.act == Activation::kRelu) v = at::vec::maximum(v, Vec<T>(0));
-        if (a.act == Activation::kSigmoid) v = sigmoid_from(v, (Vec<T>(0) - v.abs()).exp());
         store(v, row + j, c);
       }
     }
