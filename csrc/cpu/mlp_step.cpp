@@ -126,6 +126,7 @@ FASTVAE_STEP_INSTANTIATE(double)
 }  // namespace fastvae::cpu
 
 #ifndef FASTVAE_KERNELS_ONLY
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -147,6 +148,14 @@ namespace {
 struct Layer {
   int64_t out, in, weight, bias;  // sizes, and offsets into the flat buffers
 };
+
+// Each piece of the step in its own torch.profiler scope ("mlp_step::gemm", ...): python -m benchmarks.step_profile
+// lists them under fastvae::mlp_step. A thread-local check when no profiler runs.
+#define STEP_SCOPE(name, ...)                                                              \
+  do {                                                                                     \
+    RECORD_FUNCTION("mlp_step::" name, c10::ArrayRef<const c10::IValue>{});                \
+    __VA_ARGS__;                                                                           \
+  } while (0)
 
 void check_step(const at::Tensor& x, const at::Tensor& flat, const at::Tensor& grad, const at::Tensor& exp_avg,
                 const at::Tensor& exp_avg_sq, const at::Tensor& step, const std::vector<Layer>& layers, int64_t E) {
@@ -191,7 +200,7 @@ void run_step(const X* x, int64_t B, int64_t D, T* flat, T* grad, T* exp_avg, T*
   T scale_in = T(1);
   if constexpr (std::is_same_v<X, uint8_t>) {
     T* xf = take(B * D);
-    FASTVAE_CPU_RUN(to_float, ToFloatArgs<T>{x, xf, B * D});
+    STEP_SCOPE("input", FASTVAE_CPU_RUN(to_float, ToFloatArgs<T>{x, xf, B * D}));
     in0 = xf;
     scale_in = T(1.0 / 255.0);  // (x / 255) W^T = (x W^T) / 255: the scale rides on the product
   } else {
@@ -206,8 +215,8 @@ void run_step(const X* x, int64_t B, int64_t D, T* flat, T* grad, T* exp_avg, T*
   auto input = [&](int64_t i) -> const T* { return i == 0 ? in0 : i == E + 1 ? z : out[i - 1]; };
   auto forward = [&](int64_t i, bool relu) {
     const Layer& l = layers[i];
-    blas::gemm<T>(false, true, B, l.out, l.in, i == 0 ? scale_in : T(1), input(i), flat + l.weight, T(0), out[i]);
-    FASTVAE_CPU_RUN(bias_act, BiasActArgs<T>{out[i], flat + l.bias, B, l.out, relu ? Activation::kRelu : Activation::kNone});
+    STEP_SCOPE("gemm", blas::gemm<T>(false, true, B, l.out, l.in, i == 0 ? scale_in : T(1), input(i), flat + l.weight, T(0), out[i]));
+    STEP_SCOPE("bias_relu", FASTVAE_CPU_RUN(bias_act, BiasActArgs<T>{out[i], flat + l.bias, B, l.out, relu ? Activation::kRelu : Activation::kNone}));
   };
   // forward
   for (int64_t i = 0; i < E; ++i) forward(i, true);
@@ -216,10 +225,10 @@ void run_step(const X* x, int64_t B, int64_t D, T* flat, T* grad, T* exp_avg, T*
     std::copy_n(out[E] + r * 2 * L, L, mu + r * L);
     std::copy_n(out[E] + r * 2 * L + L, L, logvar + r * L);
   }
-  FASTVAE_CPU_RUN(reparam_forward, ReparamForwardArgs<T>{mu, logvar, z, nullptr, B, L, 1, seed, sink});
+  STEP_SCOPE("reparam", FASTVAE_CPU_RUN(reparam_forward, ReparamForwardArgs<T>{mu, logvar, z, nullptr, B, L, 1, seed, sink}));
   for (int64_t i = E + 1; i < n; ++i) forward(i, i < n - 1);
-  FASTVAE_CPU_RUN(loss_forward, LossArgs<T, X>{out[n - 1], x, mu, logvar, recon, kl, g_logits, g_mu_kl, g_logvar_kl, B, D, L,
-                                               T(beta), T(1), gaussian, sink});
+  STEP_SCOPE("loss", FASTVAE_CPU_RUN(loss_forward, LossArgs<T, X>{out[n - 1], x, mu, logvar, recon, kl, g_logits, g_mu_kl, g_logvar_kl, B, D, L,
+                                               T(beta), T(1), gaussian, sink}));
   double r_sum = 0, k_sum = 0;
   for (int64_t r = 0; r < B; ++r) {
     r_sum += recon[r];
@@ -235,37 +244,37 @@ void run_step(const X* x, int64_t B, int64_t D, T* flat, T* grad, T* exp_avg, T*
       AdamArgs<T> args = *adam;
       args.param = flat + offset, args.grad = grad + offset, args.exp_avg = exp_avg + offset, args.exp_avg_sq = exp_avg_sq + offset;
       args.n = count;
-      FASTVAE_CPU_RUN(adam, args);
+      STEP_SCOPE("adam", FASTVAE_CPU_RUN(adam, args));
     }
   };
   auto backward = [&](int64_t i, T* g, T* d) {  // weight gradient, input gradient into d (unless i == 0), update
     const Layer& l = layers[i];
-    blas::gemm<T>(true, false, l.out, l.in, B, i == 0 ? scale_in : T(1), g, input(i), T(0), grad + l.weight);
-    if (d != nullptr) blas::gemm<T>(false, false, B, l.in, l.out, T(1), g, flat + l.weight, T(0), d);
+    STEP_SCOPE("gemm", blas::gemm<T>(true, false, l.out, l.in, B, i == 0 ? scale_in : T(1), g, input(i), T(0), grad + l.weight));
+    if (d != nullptr) STEP_SCOPE("gemm", blas::gemm<T>(false, false, B, l.in, l.out, T(1), g, flat + l.weight, T(0), d));
     update(l);
   };
   T* g = g_logits;
-  FASTVAE_CPU_RUN(bias_grad, BiasGradArgs<T>{g, nullptr, grad + layers[n - 1].bias, B, D});
+  STEP_SCOPE("bias_grad", FASTVAE_CPU_RUN(bias_grad, BiasGradArgs<T>{g, nullptr, grad + layers[n - 1].bias, B, D}));
   int flip = 0;
   for (int64_t i = n - 1; i > E; --i) {
     T* d = ping[flip ^= 1];
     backward(i, g, d);
-    if (i > E + 1) FASTVAE_CPU_RUN(bias_grad, BiasGradArgs<T>{d, out[i - 1], grad + layers[i - 1].bias, B, layers[i - 1].out});
+    if (i > E + 1) STEP_SCOPE("bias_grad", FASTVAE_CPU_RUN(bias_grad, BiasGradArgs<T>{d, out[i - 1], grad + layers[i - 1].bias, B, layers[i - 1].out}));
     g = d;
   }
   // g = d loss / d z; the reparam backward adds beta * d KL / d(mu, logvar) (grad_kl = beta per row)
   std::fill_n(beta_rows, B, T(beta));
-  FASTVAE_CPU_RUN(reparam_backward, ReparamBackwardArgs<T>{g, beta_rows, mu, logvar, z, g_mu, g_logvar, B, L, 1});
+  STEP_SCOPE("reparam_backward", FASTVAE_CPU_RUN(reparam_backward, ReparamBackwardArgs<T>{g, beta_rows, mu, logvar, z, g_mu, g_logvar, B, L, 1}));
   for (int64_t r = 0; r < B; ++r) {
     std::copy_n(g_mu + r * L, L, d_heads + r * 2 * L);
     std::copy_n(g_logvar + r * L, L, d_heads + r * 2 * L + L);
   }
   g = d_heads;
-  FASTVAE_CPU_RUN(bias_grad, BiasGradArgs<T>{g, nullptr, grad + layers[E].bias, B, 2 * L});
+  STEP_SCOPE("bias_grad", FASTVAE_CPU_RUN(bias_grad, BiasGradArgs<T>{g, nullptr, grad + layers[E].bias, B, 2 * L}));
   for (int64_t i = E; i >= 0; --i) {
     T* d = i > 0 ? ping[flip ^= 1] : nullptr;
     backward(i, g, d);
-    if (i > 0) FASTVAE_CPU_RUN(bias_grad, BiasGradArgs<T>{d, out[i - 1], grad + layers[i - 1].bias, B, layers[i - 1].out});
+    if (i > 0) STEP_SCOPE("bias_grad", FASTVAE_CPU_RUN(bias_grad, BiasGradArgs<T>{d, out[i - 1], grad + layers[i - 1].bias, B, layers[i - 1].out}));
     g = d;
   }
 }
