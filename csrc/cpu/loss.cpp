@@ -146,12 +146,6 @@ template void loss_forward<double, uint8_t>(const LossArgs<double, uint8_t>&);
 #include "../ops.h"
 
 namespace fastvae::cpu {
-#if FASTVAE_HAVE_AVX2_COPY
-namespace avx2 {
-template <typename T, typename X> void loss_forward(const LossArgs<T, X>&);
-}  // namespace avx2
-#endif
-
 LossOutputs loss_forward(const at::Tensor& logits, const at::Tensor& x_in, const at::Tensor& mu, const at::Tensor& logvar,
                          const OptTensor& beta_t, double beta, bool gaussian, bool need_grad, double scale,
                          const OptTensor& flags) {

@@ -128,9 +128,7 @@ template void reparam_backward<double>(const ReparamBackwardArgs<double>&);
 
 namespace fastvae::cpu {
 #if FASTVAE_HAVE_AVX2_COPY
-namespace avx2 {
-template <typename T> void reparam_forward(const ReparamForwardArgs<T>&);
-template <typename T> void reparam_backward(const ReparamBackwardArgs<T>&);
+namespace avx2 {  // the kernels' AVX2 copies are declared in args.h
 void philox_words(uint64_t seed, uint64_t first, int64_t counters, int64_t* out);
 }  // namespace avx2
 #endif
