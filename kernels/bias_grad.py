@@ -37,7 +37,7 @@ def config(rows: int, cols: int) -> Config:
     and all rows in one tile in the interpreter."""
     if INTERPRETED:
         return Config({"BLOCK_B": triton.next_power_of_2(max(rows, 1)), "BLOCK_N": triton.next_power_of_2(max(cols, 1))})
-    return Config({"BLOCK_B": 32, "BLOCK_N": 64}, num_warps=4, maxnreg=64)
+    return Config({"BLOCK_B": 32, "BLOCK_N": 64}, num_warps=4)
 
 
 def bias_grad(grad: torch.Tensor, relu_out: torch.Tensor | None, out: torch.Tensor, *, block_b: int | None = None,
