@@ -69,36 +69,14 @@ def rgb(images: torch.Tensor, labels: torch.Tensor, side: int) -> np.ndarray:
     return (big * tint).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def write_rgb_set(out: Path, count: int, side: int = 64, chunk: int = 20000) -> Path:
+def write_rgb_set(out: Path, count: int, side: int = 64, chunk: int = 10000) -> Path:
     """A shard set of `count` tinted, upscaled Fashion-MNIST images (cycled), written chunk by chunk
-    (never the whole set in memory): one shards.write per chunk into OUT/part-K, then merged."""
+    through shards.ShardWriter (never the whole set in memory)."""
     images, labels = fashion()
-    parts = []
-    for k, start in enumerate(range(0, count, chunk)):
-        rows = torch.arange(start, min(start + chunk, count)) % len(images)
-        parts.append(shards.write(rgb(images[rows], labels[rows], side), out / f"part-{k:04d}", labels=labels[rows].numpy()))
-    return merge(parts, out)
-
-
-def merge(parts: list[Path], out: Path) -> Path:
-    """Shard sets -> one set: their shard files moved into `out` (renamed in order) under one manifest."""
-    manifests = [json.loads((p / "manifest.json").read_text()) for p in parts]
-    merged = dict(manifests[0])
-    merged["shards"], merged["count"] = [], sum(m["count"] for m in manifests)
-    for p, m in zip(parts, manifests):
-        for entry in m["shards"]:
-            i = len(merged["shards"])
-            entry = dict(entry)
-            for key, stem in (("images", "images"), ("labels", "labels")):
-                if entry.get(key):
-                    name = f"{stem}-{i:05d}.npy"
-                    os.replace(p / entry[key], out / name)
-                    entry[key] = name
-            merged["shards"].append(entry)
-        shutil.rmtree(p)
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(merged))
-    os.replace(tmp, out / "manifest.json")
+    with shards.ShardWriter(out, (3, side, side), labels=True) as writer:
+        for start in range(0, count, chunk):
+            rows = torch.arange(start, min(start + chunk, count)) % len(images)
+            writer.add(rgb(images[rows], labels[rows], side), labels[rows].numpy())
     return out
 
 
@@ -209,7 +187,7 @@ def memory_child(path: str, device: str, batch: int) -> None:
 
 def bench_memory(workdir: Path, gb: float, device: torch.device, side: int = 64, batch: int = 128) -> dict:
     count = math.ceil(gb * 1e9 / (3 * side * side))
-    out = Path(tempfile.mkdtemp(prefix="fastvae-bigset-", dir=workdir))
+    out = Path(tempfile.mkdtemp(prefix="fastvae-bigset-", dir=workdir)) / "set"
     try:
         t0 = time.perf_counter()
         write_rgb_set(out, count, side)
@@ -218,7 +196,7 @@ def bench_memory(workdir: Path, gb: float, device: torch.device, side: int = 64,
                                 "--batch", str(batch)], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
         got = json.loads(child.stdout.strip().splitlines()[-1])
     finally:
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out.parent, ignore_errors=True)
     grown = got["rss_anon_peak"] - got["rss_anon_start"]
     return {"part": "memory", "write_s": written, **got, "rss_anon_growth": grown, "target": "rss_anon_peak < 1 GB",
             "met": got["rss_anon_peak"] < 2**30 and got["set_bytes"] >= gb * 1e9 * 0.999,

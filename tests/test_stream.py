@@ -331,3 +331,30 @@ def test_cli_trains_a_conv_model_on_rgb_shards_and_refuses_another_image_size(tm
     assert lines[0] == "index,label,score" and len(lines) == 49
     assert main(["reconstruct", str(run), "--data", str(rgb.path), "-n", "8", "--threads", "1"]) == 0
     assert (run / "reconstructions-rgb-n8.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_prepares_an_image_folder_into_a_cache_once_and_again_when_it_changes(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    monkeypatch.setenv("FASTVAE_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "photos"
+    pixels = _images(n=12, shape=(10, 10, 3)).numpy()
+    for i, img in enumerate(pixels):
+        (folder / ("cats" if i % 2 else "dogs")).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img, "RGB").save(folder / ("cats" if i % 2 else "dogs") / f"{i}.png")
+    argv = ["train", "--data", str(folder), "--image-size", "8", "--epochs", "1", "--batch-size", "4", "--no-progress", "--threads", "1"]
+    assert main([*argv, "--out", str(tmp_path / "a"), "--limit", "10"]) == 0
+    said = capsys.readouterr().out
+    assert f"preparing {folder} into the cache {tmp_path / 'cache'}" in said and "10 of 12 images (3x8x8" in said
+    (cached,) = (tmp_path / "cache").iterdir()
+    assert fastvae.data.open(cached).label_names == ["cats", "dogs"]
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 0
+    said = capsys.readouterr().out
+    assert f"using {cached}, the prepared copy of {folder}" in said and "preparing" not in said
+    Image.fromarray(pixels[0], "RGB").save(folder / "cats" / "new.png")  # the folder changed: prepared again, the stale copy goes
+    assert main([*argv, "--out", str(tmp_path / "c")]) == 0
+    said = capsys.readouterr().out
+    assert "preparing" in said and f"removed {cached}" in said and "13 of 13 images" in said
+    (cached,) = (tmp_path / "cache").iterdir()
+    assert main(["train", "--data", str(cached), "--image-size", "16", "--no-progress"]) == 2
+    assert "is a prepared shard set of 8x8 images" in capsys.readouterr().err
