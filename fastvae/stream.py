@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -247,10 +246,15 @@ class Resident:
 class Streamed:
     """Rows read by background threads into a ring of host buffers, copied to the device ahead of the step.
 
-    On CUDA: `prefetch` pinned host slots and `prefetch` device slots; a batch's host-to-device copy runs
-    on a side stream as soon as its rows are gathered (several in flight), the training stream waits
-    on its event (no host sync), and a slot is refilled only after the step that read it (device) or
-    the copy that read it (host) has finished. On CPU the step reads the host slot itself.
+    The ring has `prefetch` slots (rounded up to a multiple of `threads`); batch i goes to slot
+    i % prefetch, and reader thread t fills the batches i with i % threads == t, in order. A slot is
+    handed over with two plain locks (acquire and release run in C, so the training thread spends
+    no Python on a handoff): `filled` (the reader is done) and `free` (the step is done with it).
+    On CUDA the host slots are pinned; a batch's copy to its device slot runs on a side stream as
+    soon as its rows are gathered (several in flight), the training stream waits on the copy's event
+    (no host sync), a device slot is overwritten only after the step that read it (an event the
+    side stream waits on) and a host slot only after the copy that read it (the reader waits).
+    On CPU the step reads the host slot itself.
     """
 
     resident = False
@@ -261,12 +265,14 @@ class Streamed:
         self.count, self.why, self.threads, self.sample_shape = reader.count, why, threads, reader.sample_shape
         self.data = None
         self.labels = None  # per batch, from the reader
-        self.prefetch = max(2, prefetch)
+        self.prefetch = math.ceil(max(2, prefetch) / threads) * threads
         width = math.prod(reader.sample_shape)
         rows = math.ceil(batch_size / world)
         cuda = device.type == "cuda"
         self.host = torch.empty((self.prefetch, rows, width), dtype=reader.dtype, pin_memory=cuda)
         self.host_labels = torch.empty((self.prefetch, rows), dtype=torch.int64, pin_memory=cuda) if reader.labels is not None else None
+        self._host_np = self.host.numpy()
+        self._labels_np = self.host_labels.numpy() if self.host_labels is not None else None
         if cuda:
             self.dev = torch.empty((self.prefetch, rows, width), dtype=reader.dtype, device=device)
             self.dev_labels = torch.empty((self.prefetch, rows), dtype=torch.int64, device=device) if self.host_labels is not None else None
@@ -288,15 +294,6 @@ class Streamed:
         why = f", {self.why}" if self.why else ""
         return f"streamed to {self.device} ({self.prefetch} batches in flight, {self.threads} reader threads{why})"
 
-    def _fill(self, slot: int, rows: np.ndarray, wait: torch.cuda.Event | None) -> int:
-        if wait is not None:
-            wait.synchronize()  # the copy that last read this host slot has finished
-        b = len(rows)
-        out = self.host[slot].numpy()[:b]
-        labels = self.host_labels[slot].numpy()[:b] if self.host_labels is not None else None
-        self.reader.gather(rows, out, labels)
-        return b
-
     def batches(self, epoch: int, seed: int) -> Iterator[Batch]:
         order = epoch_order(self.count, self.batch_size, seed, epoch).numpy()
         cuda, steps, S = self.device.type == "cuda", self.steps, self.prefetch
@@ -305,55 +302,84 @@ class Streamed:
             size = min(self.batch_size, self.count - start)
             lo, hi = share(size, self.rank, self.world)
             plan.append((order[start + lo:start + hi], lo, size))
-        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="fastvae-stream")
-        pending: deque = deque()
-        used = self._used  # kept across epochs: the last copies and steps of an epoch may still run when the next begins
+        filled = [threading.Lock() for _ in range(S)]
+        free = [threading.Lock() for _ in range(S)]
+        for lock in filled:
+            lock.acquire()
+        errors: list[BaseException] = []
+        stop = threading.Event()
 
-        def submit(i: int) -> None:
-            slot = i % S
-            pending.append(pool.submit(self._fill, slot, plan[i][0], self.copied[slot] if cuda and used[slot] else None))
+        def read(t: int) -> None:
+            for i in range(t, steps, self.threads):
+                slot = i % S
+                while not free[slot].acquire(timeout=0.05):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
+                try:
+                    if cuda and self._used[slot]:
+                        self.copied[slot].synchronize()  # the copy that last read this host slot has finished
+                    rows = plan[i][0]
+                    self.reader.gather(rows, self._host_np[slot, :len(rows)], self._labels_np[slot, :len(rows)] if self._labels_np is not None else None)
+                except BaseException as exc:  # noqa: BLE001 - handed to the training thread, which raises it
+                    errors.append(exc)
+                    stop.set()
+                    filled[slot].release()
+                    return
+                filled[slot].release()
 
-        issued = 0  # CUDA: batches whose host-to-device copy was enqueued
+        def take(slot: int) -> None:
+            while not filled[slot].acquire(timeout=0.05):
+                if errors:  # a reader failed (and the others stopped): its error, not a wait for a batch that never comes
+                    raise errors[0]
+            if errors:
+                raise errors[0]
+
+        readers = [threading.Thread(target=read, args=(t,), name=f"fastvae-stream-{t}", daemon=True) for t in range(self.threads)]
+        for r in readers:
+            r.start()
+        issued = 0  # CUDA: batches whose host-to-device copy is enqueued
 
         def issue(j: int) -> None:
-            slot, b = j % S, pending[j - i].result()
+            slot, b = j % S, len(plan[j][0])
             with torch.cuda.stream(self.side):
-                if used[slot]:
+                if self._used[slot]:
                     self.side.wait_event(self.freed[slot])  # the step that read this device slot has finished
                 self.dev[slot, :b].copy_(self.host[slot, :b], non_blocking=True)
                 if self.dev_labels is not None:
                     self.dev_labels[slot, :b].copy_(self.host_labels[slot, :b], non_blocking=True)
                 self.copied[slot].record(self.side)
-            used[slot] = True
+            self._used[slot] = True
 
         try:
-            for i in range(min(S, steps)):
-                submit(i)
             for i in range(steps):
                 slot = i % S
                 rows, lo, size = plan[i]
+                b = len(rows)
                 if cuda:
-                    issued = max(issued, i)
-                    while issued < min(i + S, steps) and (issued == i or pending[issued - i].done()):
+                    if issued == i:
+                        take(slot)
+                        issue(i)
+                        issued += 1
+                    while issued < min(i + S, steps) and filled[issued % S].acquire(blocking=False):
+                        if errors:
+                            raise errors[0]
                         issue(issued)
                         issued += 1
                     torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
-                    b = pending.popleft().result()
-                    x = self.dev[slot, :b]
-                    labels = self.dev_labels[slot, :b] if self.dev_labels is not None else None
+                    x, labels = self.dev[slot, :b], (self.dev_labels[slot, :b] if self.dev_labels is not None else None)
                 else:
-                    b = pending.popleft().result()
-                    x = self.host[slot, :b]
-                    labels = self.host_labels[slot, :b] if self.host_labels is not None else None
+                    take(slot)
+                    x, labels = self.host[slot, :b], (self.host_labels[slot, :b] if self.host_labels is not None else None)
                 yield Batch(torch.from_numpy(rows), x, lo, size, labels)
                 if cuda:
                     self.freed[slot].record(torch.cuda.current_stream(self.device))
-                if i + S < steps:
-                    submit(i + S)
+                free[slot].release()
         finally:
-            for f in pending:
-                f.cancel()
-            pool.shutdown(wait=True)  # no reader writes a slot after the epoch ends
+            stop.set()
+            for r in readers:
+                r.join()  # no reader writes a slot after the epoch ends
 
     def pixels(self, batch: Batch) -> torch.Tensor:
         return batch.x
