@@ -109,9 +109,14 @@ def write_samples(model, path: str | os.PathLike, n: int, image_shape: tuple[int
                    xlabel="class" if xticks else None)
 
 
-def write_reconstructions(model, images: torch.Tensor, image_shape: tuple[int, ...], path: str | os.PathLike, caption: str,
+def write_reconstructions(model, images, image_shape: tuple[int, ...], path: str | os.PathLike, caption: str,
                           **condition: torch.Tensor) -> Path:
-    """A titled ``reconstruction_grid``: rows of originals, each above its reconstructions."""
+    """A titled ``reconstruction_grid``: rows of originals, each above its reconstructions. images: a
+    tensor, or a data set (``fastvae.data.open``, a Dataset, a DataLoader) whose first 32 are shown."""
+    if not isinstance(images, torch.Tensor):
+        from .stream import head
+
+        images = head(images, 32)[0]
     return picture(reconstruction_grid(model, images, image_shape, **condition), path,
                    f"{images.shape[0]} inputs, each row above its reconstructions\n{caption}")
 

@@ -1,6 +1,7 @@
 """The streaming engine and the other data sources, on real files: shard sets written here (shards.write),
 trained streamed and resident (bit-identical on CPU), killed and resumed, read from a Dataset and a
 DataLoader, split over two processes, and checked against a checkpoint's image size."""
+import json
 import os
 import random
 import signal
@@ -358,3 +359,31 @@ def test_cli_prepares_an_image_folder_into_a_cache_once_and_again_when_it_change
     (cached,) = (tmp_path / "cache").iterdir()
     assert main(["train", "--data", str(cached), "--image-size", "16", "--no-progress"]) == 2
     assert "is a prepared shard set of 8x8 images" in capsys.readouterr().err
+
+
+def test_score_and_pictures_take_a_shard_set(tmp_path):
+    ds = _write(tmp_path, _images(n=40, shape=(3, 8, 8)))
+    torch.manual_seed(0)
+    model = fastvae.models.ConvVAE(image_shape=(3, 8, 8), channels=(4,), latent_dim=2).eval()
+    scores = fastvae.score(model, ds, batch_size=16)
+    assert scores.shape == (40,) and torch.equal(scores, fastvae.score(model, ds.tensor(), batch_size=16))
+    from fastvae import plots
+
+    png = plots.write_reconstructions(model, ds, (3, 8, 8), tmp_path / "r.png", "caption")
+    from PIL import Image
+
+    assert Image.open(png).mode in ("RGB", "RGBA")
+    with pytest.raises(ValueError, match=r"holds images of shape \(3, 8, 8\) \(192 values\) but the model takes input_dim=36"):
+        fastvae.score(fastvae.VAE(input_dim=36, hidden_dims=(8,), latent_dim=2), ds)
+
+
+def test_the_stream_benchmark_runs_in_its_smoke_mode(tmp_path, real_data):
+    from benchmarks import stream as bench
+
+    out = tmp_path / "stream.json"
+    assert bench.main(["--smoke", "--parts", "loader,train", "--device", "cpu", "--out", str(out), "--workdir", str(tmp_path)]) == 0
+    results = {r["part"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(results) == {"loader", "train"}
+    assert results["train"]["speed_ratio"] > 0 and set(results["loader"]["batches_per_s"]) == {
+        "fastvae", "dataloader-default", "dataloader-2-workers-pinned"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stream.json"]  # the shard sets were deleted
