@@ -19,10 +19,10 @@ The streaming rule (``decide``): stream when the data take more than half of the
 training device (CUDA: ``torch.cuda.mem_get_info``; CPU: MemAvailable of /proc/meminfo), else
 hold them resident; ``TrainConfig.stream`` (CLI ``--stream`` / ``--resident``) forces either.
 
-Host memory while streaming (anonymous, beyond the process's own): the ring, ``prefetch`` x
-ceil(batch / ranks) x (C*H*W x itemsize + 8) bytes, plus 8 x N bytes for the epoch's order (and 8 x N
-for the shard set's labels, held in memory). The shards' pages are the kernel's page cache
-(file-backed, shared, reclaimable), not the process's.
+Host memory while streaming (anonymous, beyond what the process holds without data): the ring,
+``prefetch`` x ceil(batch / ranks) x (C*H*W x itemsize + 8) bytes, plus at most 32 x N bytes for N
+images (the epoch's order: 8 N held, 16 N more while it is drawn; a shard set's labels: 8 N). The
+shards' pages are the kernel's page cache (file-backed, shared, reclaimable), not the process's.
 """
 from __future__ import annotations
 
@@ -100,9 +100,10 @@ def free_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -147,6 +148,7 @@ class ArrayRows:
         self.sample_shape = sample_shape
         self.dtype = _tensor(self.arrays[0][:0]).dtype if self.arrays else torch.uint8
         self.labels = None if labels is None else labels.to(torch.int64).numpy()
+        self.has_labels = self.labels is not None
 
     def gather(self, rows: np.ndarray, out: np.ndarray, labels_out: np.ndarray | None) -> None:
         """out[j] = row rows[j] (rows ascending): one np.take per shard run (it releases the GIL)."""
@@ -171,7 +173,7 @@ class DatasetRows:
             raise ValueError("the Dataset is empty (len(dataset) == 0); pass a data set with at least one sample")
         x, label = self.item(0)
         self.sample_shape, self.dtype = tuple(x.shape), x.dtype
-        self.labels = label is not None or None  # truthy: items carry labels
+        self.has_labels = label is not None  # the items are (tensor, label); gathered where the model is conditional
 
     def item(self, i: int) -> tuple[torch.Tensor, int | None]:
         got = self.dataset[i]
@@ -270,7 +272,7 @@ class Streamed:
         rows = math.ceil(batch_size / world)
         cuda = device.type == "cuda"
         self.host = torch.empty((self.prefetch, rows, width), dtype=reader.dtype, pin_memory=cuda)
-        self.host_labels = torch.empty((self.prefetch, rows), dtype=torch.int64, pin_memory=cuda) if reader.labels is not None else None
+        self.host_labels = torch.empty((self.prefetch, rows), dtype=torch.int64, pin_memory=cuda) if reader.has_labels else None
         self._host_np = self.host.numpy()
         self._labels_np = self.host_labels.numpy() if self.host_labels is not None else None
         if cuda:
@@ -419,19 +421,25 @@ class Loaded:
                 s.set_epoch(epoch)  # DistributedSampler's shuffle follows the epoch
         cuda, n = self.device.type == "cuda", 0
         for i, item in enumerate(self.loader):
-            x, labels = split_item(item, f"batch {i} of the DataLoader")
+            what = f"batch {i} of the DataLoader"
+            x, labels = split_item(item, what)
             if x.dim() < 2 or math.prod(x.shape[1:]) != self.input_dim:
-                raise ValueError(f"batch {i} of the DataLoader has shape {tuple(x.shape)}: not (B, ...) with input_dim={self.input_dim} "
+                raise ValueError(f"{what} has shape {tuple(x.shape)}: not (B, ...) with input_dim={self.input_dim} "
                                  "values per sample; build the model for the loader's samples")
-            if cuda and not x.is_pinned() and x.device.type == "cpu":
-                x = x.pin_memory()
-                labels = labels.pin_memory() if labels is not None else None
-            x = x.to(self.device, non_blocking=True)
-            if labels is not None and self.with_labels:
-                labels = labels.to(self.device, non_blocking=True)
+            if not self.with_labels:
+                labels = None
+            elif not isinstance(labels, torch.Tensor):
+                raise TypeError(f"{what}: the model is conditional but the labels are {type(labels).__name__}, not a tensor; "
+                                "yield (images, labels tensor)")
+            moved = []
+            for t in (x, labels):
+                if t is not None and cuda and t.device.type == "cpu" and not t.is_pinned():
+                    t = t.pin_memory()  # so the copy below is asynchronous
+                moved.append(t.to(self.device, non_blocking=True) if t is not None else None)
+            x, labels = moved
             n += 1
             self.sample_shape = tuple(x.shape[1:])
-            yield Batch(None, x.reshape(x.shape[0], -1), 0, x.shape[0], labels if self.with_labels else None)
+            yield Batch(None, x.reshape(x.shape[0], -1), 0, x.shape[0], labels)
         if n == 0:
             raise ValueError("the DataLoader yielded no batches this epoch; give it a non-empty data set")
 
@@ -439,15 +447,13 @@ class Loaded:
         return batch.x
 
 
-def split_item(item: Any, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def split_item(item: Any, what: str) -> tuple[torch.Tensor, Any]:
     """(x, labels or None) of a DataLoader batch: a tensor, or (tensor, labels, ...) as torchvision's data sets give."""
     labels = None
     if isinstance(item, (tuple, list)):
         if not item:
             raise TypeError(f"{what} is an empty {type(item).__name__}; yield a tensor or (tensor, labels)")
         item, labels = item[0], (item[1] if len(item) > 1 else None)
-        if labels is not None and not isinstance(labels, torch.Tensor):
-            raise TypeError(f"{what}: the labels are {type(labels).__name__}, not a tensor; yield (tensor, labels tensor)")
     if not isinstance(item, torch.Tensor):
         raise TypeError(f"{what} is {type(item).__name__}; a DataLoader for fastvae yields tensors (B, ...) or (tensor, labels)")
     if not (item.dtype == torch.uint8 or item.is_floating_point()):
@@ -458,12 +464,8 @@ def split_item(item: Any, what: str) -> tuple[torch.Tensor, torch.Tensor | None]
 # -- what the Trainer calls ------------------------------------------------------------------------------------------
 
 def sample_shape(data: Any) -> tuple[int, ...]:
-    """One sample's shape: (C, H, W) of a shard set, a tensor's shape[1:], a Dataset item's shape."""
-    if is_shardset(data):
-        return tuple(int(s) for s in data.shape)
-    if isinstance(data, (torch.Tensor, np.ndarray)):
-        return tuple(data.shape[1:])
-    return DatasetRows(data).sample_shape
+    """One sample's shape: (C, H, W) of a shard set, a tensor's shape[1:]."""
+    return tuple(int(s) for s in data.shape) if is_shardset(data) else tuple(data.shape[1:])
 
 
 def image_shape(shape: Sequence[int]) -> tuple[int, int, int] | None:
@@ -542,10 +544,9 @@ def source(data: Any, *, input_dim: int, likelihood: str, batch_size: int, devic
             raise ValueError("stream=False (resident) needs the data as a tensor or a shard set; a Dataset is read item by item each epoch")
         reader = DatasetRows(data)
         fits_model(reader.sample_shape, "the Dataset")
-        if conditional and not reader.labels:
+        if conditional and not reader.has_labels:
             raise ValueError("the model is conditional but the Dataset's items carry no label; return (tensor, label) from __getitem__")
-        if not conditional:
-            reader.labels = None
+        reader.has_labels = conditional
         return Streamed(reader, batch_size, device, rank=rank, world=world, prefetch=prefetch, threads=threads, why="a Dataset, read each epoch")
     raise TypeError(f"data must be a torch.Tensor of images, a shard set (fastvae.data.open), a torch.utils.data.Dataset or a DataLoader; "
                     f"got {type(data).__name__}")
@@ -629,18 +630,19 @@ def in_order(data: Any, batch_size: int, start: int = 0) -> Iterator[tuple[torch
         for start in range(start, reader.count, batch_size):
             rows = np.arange(start, min(start + batch_size, reader.count), dtype=np.int64)
             out = np.empty((len(rows), math.prod(data.shape)), dtype=np.uint8)
-            labels = np.empty(len(rows), dtype=np.int64) if reader.labels is not None else None
+            labels = np.empty(len(rows), dtype=np.int64) if reader.has_labels else None
             reader.gather(rows, out, labels)
             yield torch.from_numpy(out).view(len(rows), *data.shape), torch.from_numpy(labels) if labels is not None else None
     elif isinstance(data, DataLoader):
         for i, item in enumerate(data):
-            yield split_item(item, f"batch {i} of the DataLoader")
+            x, labels = split_item(item, f"batch {i} of the DataLoader")
+            yield x, labels if isinstance(labels, torch.Tensor) else None
     else:
         reader = DatasetRows(data)
         for start in range(start, reader.count, batch_size):
             rows = np.arange(start, min(start + batch_size, reader.count), dtype=np.int64)
             out = np.empty((len(rows), math.prod(reader.sample_shape)), dtype=torch.empty(0, dtype=reader.dtype).numpy().dtype)
-            labels = np.empty(len(rows), dtype=np.int64) if reader.labels else None
+            labels = np.empty(len(rows), dtype=np.int64) if reader.has_labels else None
             reader.gather(rows, out, labels)
             yield torch.from_numpy(out).view(len(rows), *reader.sample_shape), torch.from_numpy(labels) if labels is not None else None
 
