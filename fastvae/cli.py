@@ -296,8 +296,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "prepare":
         from .prepare import prepare
 
-        out = prepare(args.src, args.out, image_size=args.image_size, channels=args.channels, workers=args.workers,
-                      progress=not args.no_progress, labels=args.labels)
+        try:
+            out = prepare(args.src, args.out, image_size=args.image_size, channels=args.channels, workers=args.workers,
+                          progress=not args.no_progress, labels=args.labels)
+        except KeyboardInterrupt:
+            print(f"\nfastvae prepare: interrupted; the finished shards in {args.out} are kept: run the same command "
+                  f"again to resume", file=sys.stderr)
+            return 130
         from .shards import open as open_shards
 
         ds = open_shards(out)

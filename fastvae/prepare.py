@@ -17,7 +17,7 @@ same bytes as an uninterrupted run; a re-run with other settings is refused.
 """
 from __future__ import annotations
 
-import gzip
+import contextlib
 import hashlib
 import json
 import math
@@ -27,8 +27,9 @@ import shutil
 import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -60,7 +61,7 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, *, image_size: int |
     most 64 MB of pixels, at least 256 images or 1/64 of the set).
     Returns `out`; a finished `out` of the same settings and source is returned as it is.
     """
-    src, out = Path(src), Path(out)
+    src, out = Path(src).expanduser(), Path(out).expanduser()
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise ValueError(f"image_size (--image-size) must be a positive integer, got {image_size!r}")
     if channels not in (None, 1, 3):
@@ -69,7 +70,7 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, *, image_size: int |
         raise ValueError(f"workers (--workers) must be a positive integer, got {workers!r}")
     if shard_images is not None and (not isinstance(shard_images, int) or shard_images < 1):
         raise ValueError(f"shard_images must be a positive integer, got {shard_images!r}")
-    source = _Source.of(src, labels)
+    source = _Source.of(src, labels, out)
     settings = {"source": source.describe(), "image_size": image_size, "channels": channels, "shard_images": shard_images}
     key = {"settings": settings, "fingerprint": source.fingerprint}
     done = _check_out(out, key)
@@ -101,7 +102,7 @@ class _Source:
         self.path = path
 
     @staticmethod
-    def of(src: Path, labels: str | os.PathLike | None) -> "_Source":
+    def of(src: Path, labels: str | os.PathLike | None, out: Path) -> "_Source":
         if not src.exists():
             raise FileNotFoundError(f"src: {src} does not exist; give a folder of images (JPEG, PNG, WebP, BMP), "
                                     f"an IDX images file or a .npy array")
@@ -109,7 +110,7 @@ class _Source:
             if labels is not None:
                 raise ValueError("labels (--labels) is for an IDX or .npy source; an image folder takes its labels from "
                                  "its sub-folder names")
-            return _Folder(src)
+            return _Folder(src, out)
         return _Array(src, labels)
 
     def describe(self) -> dict:
@@ -119,11 +120,13 @@ class _Source:
 class _Folder(_Source):
     kind = "folder"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, out: Path):
         super().__init__(path)
         files, ignored = [], 0
+        seen = {os.path.realpath(out)}  # OUT inside SRC is not searched; a symlink cycle is followed once
         for root, dirs, names in os.walk(path, followlinks=True):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            seen.add(os.path.realpath(root))
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in seen)
             for name in names:
                 if name.startswith("."):
                     continue
@@ -198,7 +201,7 @@ class _Array(_Source):
             raise ValueError(f"src: {path} holds shape {a.shape}; expected (N, H, W), (N, C, H, W) or (N, H, W, C) with C 1 or 3")
         if a.shape[0] == 0:
             raise ValueError(f"src: {path} holds no images (shape {a.shape})")
-        self.labels_path = Path(labels) if labels is not None else _idx_labels_beside(path) if self.kind == "idx" else None
+        self.labels_path = Path(labels).expanduser() if labels is not None else _idx_labels_beside(path) if self.kind == "idx" else None
         self.labels = None
         if self.labels_path is not None:
             lab = _read_array(self.labels_path, "labels")
@@ -273,11 +276,17 @@ def _header(path: str):
     try:
         with Image.open(path) as img:
             w, h = img.size
-            if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+            if _orientation(img) in (5, 6, 7, 8):  # turned by 90 degrees
                 w, h = h, w
             return img.mode, (w, h)
     except Exception as exc:  # Pillow raises many kinds (OSError, SyntaxError, ValueError, ...) for a bad file
         return _reason(exc)
+
+
+def _orientation(img) -> int:
+    """The EXIF orientation (1: upright) where the header holds EXIF (JPEG, WebP, PNG with eXIf before the pixels);
+    read without decoding: Pillow's PNG getexif() would decode the whole image to look for a late eXIf chunk."""
+    return img.getexif().get(0x0112, 1) if "exif" in img.info else 1
 
 
 def _reason(exc: Exception) -> str:
@@ -299,7 +308,7 @@ def _to_chw(img, shape: Sequence[int], resize: bool) -> np.ndarray:
     from PIL import Image, ImageOps
 
     c, h, w = shape
-    if img.getexif().get(0x0112, 1) != 1:  # a rotated photo is turned upright (exif_transpose copies even when it need not)
+    if _orientation(img) != 1:  # a rotated photo is turned upright (exif_transpose copies even when it need not)
         img = ImageOps.exif_transpose(img)
     if img.mode == "I" or img.mode.startswith("I;16"):  # 16-bit gray (PNG): scaled to 0..255, where convert() would clip
         a = np.asarray(img).astype(np.float64) / 257.0
@@ -354,7 +363,9 @@ def _record(out: Path, index: int, images: np.ndarray, labels: np.ndarray | None
     """Write shard `index` (if it holds any image), then its record: a shard is done once its record exists."""
     entry = shards.write_shard(out, index, images, labels) if len(images) else None
     record = {"index": index, "entry": entry, "skipped": skipped}
-    shards.atomic_write_bytes(out / STATE_DIR / f"shard-{index:05d}.json", json.dumps(record).encode())
+    # the shard's data are fsynced and renamed before the record exists; the record itself need not be durable:
+    # lost at a power cut, the shard is converted again; a lost rename leaves a record whose file is missing (redone)
+    shards.atomic_write_bytes(out / STATE_DIR / f"shard-{index:05d}.json", json.dumps(record).encode(), durable=False)
     return record
 
 
@@ -398,6 +409,28 @@ def _check_out(out: Path, key: dict) -> bool:
 
 
 def _run(source: _Source, out: Path, key: dict, plan: dict, workers: int, progress: bool) -> Path:
+    state = out / STATE_DIR
+    with _lock(state):
+        return _convert(source, out, key, plan, workers, progress)
+
+
+@contextlib.contextmanager
+def _lock(state: Path):
+    """One prepare at a time per OUT: a second one (which would delete the first one's temporary files) is refused."""
+    with open(state / "lock", "w") as f:
+        try:
+            import fcntl
+
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # not POSIX: no lock
+            pass
+        except OSError:
+            raise FileExistsError(f"out: another `fastvae prepare` is writing into {state.parent} now; wait for it to "
+                                  f"finish (or stop it; a re-run then resumes)") from None
+        yield
+
+
+def _convert(source: _Source, out: Path, key: dict, plan: dict, workers: int, progress: bool) -> Path:
     state = out / STATE_DIR
     for leftover in out.glob(".*.tmp"):  # the temporary files of a killed run: never taken as whole
         leftover.unlink()
@@ -472,10 +505,13 @@ def _run_jobs(jobs: list, out: Path, workers: int):
         try:
             for future in as_completed(futures):
                 yield future.result()
-        except BaseException:
+        except BrokenProcessPool:
+            raise ChildProcessError(f"a worker process died (killed, or out of memory?) while converting into {out}; the "
+                                    f"finished shards are kept: run the same command again to resume (with fewer --workers "
+                                    f"if memory is short)") from None
+        finally:
             for f in futures:
                 f.cancel()
-            raise
 
 
 def _map(fn, args: list, workers: int, progress: bool, desc: str) -> list:

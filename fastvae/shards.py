@@ -59,19 +59,22 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder, fsync, rename."""
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write `data` to `path` through a temporary file in the same folder, rename; with `durable`, fsync the
+    file and the folder too (a small record that may be lost at a power cut, and redone, needs neither)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with io.open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def write_npy(path: Path, array: np.ndarray) -> tuple[int, str]:
@@ -132,6 +135,7 @@ def write_manifest(out: Path, shape: Sequence[int], entries: list[dict], label_n
     manifest.update(extra)
     manifest.setdefault("skipped", [])
     data = manifest_bytes(manifest)
+    fsync_dir(out)  # the shards' renames are durable before the manifest that names them
     atomic_write_bytes(out / MANIFEST, data)
     _write_stamp(out, hashlib.sha256(data).hexdigest(), _files_of(manifest))
     return out / MANIFEST
@@ -142,7 +146,7 @@ def check_out_folder(out: str | os.PathLike, *, argument: str = "out", allowed: 
 
     `allowed`: names that may already be there (a caller's own partial state). Nothing is deleted.
     """
-    out = Path(out)
+    out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{argument}: {out} exists and is not a folder; give a new or empty folder for the shards")
     if out.is_dir():
@@ -348,7 +352,7 @@ def open(path: str | os.PathLike, *, verify: str = "auto") -> ShardSet:
     """
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
-    folder = Path(path)
+    folder = Path(path).expanduser()
     if folder.name == MANIFEST and folder.is_file():
         folder = folder.parent
     manifest_path = folder / MANIFEST
@@ -526,7 +530,7 @@ def _write_stamp(folder: Path, manifest_sha: str, names: list[str]) -> None:
     for place in _stamp_places(folder):
         try:
             place.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(place, data)
+            atomic_write_bytes(place, data, durable=False)  # lost at a power cut: the next open hashes again
             return
         except OSError:
             continue

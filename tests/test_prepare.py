@@ -17,7 +17,6 @@ PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
 import fastvae  # noqa: E402
-from fastvae import shards  # noqa: E402
 from fastvae.cli import main  # noqa: E402
 from fastvae.prepare import KILL_AFTER_ENV, prepare  # noqa: E402
 
@@ -144,6 +143,23 @@ def test_jpeg_draft_decoding_is_used_and_close(tmp_path, pictures):
     assert np.abs(got.astype(int) - full).mean() < 8  # the draft is a sane approximation of the full decode
 
 
+def test_exif_orientation_is_applied(tmp_path, pictures):
+    from PIL import ImageOps
+
+    images, _ = pictures
+    (tmp_path / "src").mkdir()
+    tall = np.concatenate([images[0], images[1][:12]])  # 40 high, 28 wide
+    Image.fromarray(tall, "L").save(tmp_path / "src" / "a.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": stored 40 wide, 28 high
+    Image.fromarray(np.ascontiguousarray(np.rot90(tall, 1)), "L").save(tmp_path / "src" / "b.jpg", exif=exif, quality=95)
+    ds = fastvae.data.open(prepare(tmp_path / "src", tmp_path / "out", progress=False))  # the header scan sees both upright
+    assert ds.shape == (1, 40, 28)
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "src" / "b.jpg")))
+    assert upright.shape == (40, 28) and np.array_equal(ds[1][0].numpy()[0], upright)
+    assert np.abs(ds[1][0].numpy()[0].astype(int) - tall).mean() < 4  # upright indeed (JPEG-close to the original)
+
+
 def test_labels_only_from_subfolders(tmp_path, pictures):
     images, _ = pictures
     (tmp_path / "flat").mkdir()
@@ -156,6 +172,18 @@ def test_labels_only_from_subfolders(tmp_path, pictures):
     assert len(ds) == 1 and ds.label_names == ["cls"]
     assert [s["path"] for s in ds.manifest["skipped"]] == ["0.png", "1.png", "2.png"]
     assert "class sub-folder" in ds.manifest["skipped"][0]["reason"]
+
+
+def test_out_inside_src_and_a_symlink_cycle(tmp_path, pictures):
+    images, _ = pictures
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(images[i], "L").save(tmp_path / "src" / "a" / f"{i}.png")
+    (tmp_path / "src" / "a" / "loop").symlink_to("..")  # followed once, not forever
+    out = prepare(tmp_path / "src", tmp_path / "src" / "shards", progress=False)
+    ds = fastvae.data.open(out)
+    assert len(ds) == 3 and ds.label_names == ["a"]
+    assert prepare(tmp_path / "src", out, progress=False) == out  # OUT is not searched: the same files, nothing to do
 
 
 def test_empty_imageless_and_unreadable_folders(tmp_path):
@@ -238,6 +266,12 @@ def test_disk_full_mid_shard_then_resume(tmp_path, pictures):
     with pytest.raises(FileExistsError, match="its source files changed since"):
         prepare(tmp_path / "src", tmp_path / "out", image_size=16, workers=1, progress=False)
     (tmp_path / "src" / "class0" / "new.png").unlink()
+    import fcntl
+
+    with open(tmp_path / "out" / ".prepare" / "lock", "w") as held:  # another prepare at work on the same OUT
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(FileExistsError, match="another `fastvae prepare` is writing into"):
+            prepare(tmp_path / "src", tmp_path / "out", image_size=16, workers=1, progress=False)
     again = prepare(tmp_path / "src", tmp_path / "out", image_size=16, workers=1, progress=False)
     assert _files(again) == _files(clean)
 
@@ -313,3 +347,20 @@ def test_cli_prepare(tmp_path, pictures, capsys):
     (tmp_path / "busy" / "x").write_text("mine")
     assert main(["prepare", str(tmp_path / "src"), str(tmp_path / "busy"), "--no-progress"]) == 2
     assert "fastvae prepare: error: out:" in capsys.readouterr().err
+
+
+def test_benchmark_helpers_run(tmp_path, real_data):
+    """The prepare benchmark (tiny) and the big-set maker (a few MB, shard by shard) run and produce what they say."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks import make_shards, prepare_bench
+
+    result = prepare_bench.run(24, 1)
+    assert set(result["images_per_s"]) == {"loop", "prepare-1", "prepare-2"} and result["ratio_prepare2_vs_loop"] > 0
+    out = make_shards.make(tmp_path / "big", 0.01, (3, 32, 32), labels=True, progress=False, shard_bytes=1 << 20)
+    ds = fastvae.data.open(out)
+    assert len(ds) == 3496 and len(ds.shards) == 11 and ds.shape == (3, 32, 32) and ds.labels.tolist()[:5] == real_data.labels[:5].tolist()
+    rows = np.arange(32) * 28 // 32
+    gray = real_data.images[7].numpy()[rows][:, rows].astype(np.uint16)
+    image = ds[7][0].numpy()
+    for c in range(3):  # each channel is the upscaled garment times some tint
+        assert any(np.array_equal(image[c], (gray * t >> 8).astype(np.uint8)) for t in range(64, 256))
