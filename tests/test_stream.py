@@ -314,7 +314,7 @@ def test_cli_trains_a_conv_model_on_rgb_shards_and_refuses_another_image_size(tm
     assert main(["train", "--data", str(rgb.path), "--epochs", "1", "--batch-size", "16", "--stream", "--out", str(run),
                  "--no-progress", "--threads", "1"]) == 0
     said = capsys.readouterr().out
-    assert f"48 of 48 images (3x8x8" in said and "streamed to cpu" in said and "model conv" in said
+    assert "48 of 48 images (3x8x8" in said and "streamed to cpu" in said and "model conv" in said
     state = checkpoint.load(run)
     assert state["config"]["model"] == "conv" and state["data"] == {"shape": [3, 8, 8], "image_shape": [3, 8, 8]}
     for name in ("reconstructions.png", "samples.png"):
