@@ -387,3 +387,20 @@ def test_the_stream_benchmark_runs_in_its_smoke_mode(tmp_path, real_data):
     assert results["train"]["speed_ratio"] > 0 and set(results["loader"]["batches_per_s"]) == {
         "fastvae", "dataloader-default", "dataloader-2-workers-pinned"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stream.json"]  # the shard sets were deleted
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the side-stream copies and the graph's static input")
+def test_cuda_streaming_feeds_the_captured_graph_and_matches_resident(tmp_path):
+    ds = _write(tmp_path, _images(n=1000))
+
+    def run(flag):
+        torch.manual_seed(0)
+        trainer = fastvae.Trainer(fastvae.VAE(input_dim=SIDE * SIDE, hidden_dims=(16,), latent_dim=3), ds,
+                                  fastvae.TrainConfig(epochs=3, batch_size=64, seed=5, stream=flag, progress=False), device="cuda")
+        trainer.fit()
+        return trainer
+
+    resident, streamed = run(False), run(True)
+    assert streamed.source.host.is_pinned() and not streamed._graph.gathers and streamed._graph.graph is not None
+    for (name, p), q in zip(resident.model.state_dict().items(), streamed.model.state_dict().values()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
