@@ -26,6 +26,7 @@ shards' pages are the kernel's page cache (file-backed, shared, reclaimable), no
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -215,7 +216,30 @@ class DatasetRows:
 
 # -- the sources -----------------------------------------------------------------------------------------------------
 
-class Resident:
+class _Source:
+    """What the sources share: ``batches(epoch, seed)`` iterates an epoch; ``running()`` closes the epoch a step
+    left by an exception (its readers stop at once, not when the garbage collector finds the generator)."""
+
+    _epoch: Iterator[Batch] | None = None
+
+    def batches(self, epoch: int, seed: int) -> Iterator[Batch]:
+        self._epoch = self._batches(epoch, seed)
+        return self._epoch
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            if self._epoch is not None:
+                self._epoch.close()
+                self._epoch = None
+
+    def _batches(self, epoch: int, seed: int) -> Iterator[Batch]:
+        raise NotImplementedError
+
+
+class Resident(_Source):
     """The data set as one (N, input_dim) tensor on the device; batches are index tensors into it."""
 
     resident = True
@@ -229,7 +253,7 @@ class Resident:
     def steps(self) -> int:
         return math.ceil(self.count / self.batch_size)
 
-    def batches(self, epoch: int, seed: int) -> Iterator[Batch]:
+    def _batches(self, epoch: int, seed: int) -> Iterator[Batch]:
         order = epoch_order(self.count, self.batch_size, seed, epoch).to(self.data.device)
         for start in range(0, self.count, self.batch_size):
             size = min(self.batch_size, self.count - start)
@@ -245,7 +269,7 @@ class Resident:
         return f"resident on {self.data.device} ({self.why})" if self.why else f"resident on {self.data.device}"
 
 
-class Streamed:
+class Streamed(_Source):
     """Rows read by background threads into a ring of host buffers, copied to the device ahead of the step.
 
     The ring has `prefetch` slots (rounded up to a multiple of `threads`); batch i goes to slot
@@ -282,6 +306,7 @@ class Streamed:
             self.copied = [torch.cuda.Event() for _ in range(self.prefetch)]
             self.freed = [torch.cuda.Event() for _ in range(self.prefetch)]
         self._used = [False] * self.prefetch  # CUDA: the slot went through a copy (and a step) that a refill must wait for
+        self.burst = max(1, self.prefetch // 2)
 
     @property
     def steps(self) -> int:
@@ -296,7 +321,7 @@ class Streamed:
         why = f", {self.why}" if self.why else ""
         return f"streamed to {self.device} ({self.prefetch} batches in flight, {self.threads} reader threads{why})"
 
-    def batches(self, epoch: int, seed: int) -> Iterator[Batch]:
+    def _batches(self, epoch: int, seed: int) -> Iterator[Batch]:
         order = epoch_order(self.count, self.batch_size, seed, epoch).numpy()
         cuda, steps, S = self.device.type == "cuda", self.steps, self.prefetch
         plan = []
@@ -310,13 +335,12 @@ class Streamed:
             lock.acquire()
         errors: list[BaseException] = []
         stop = threading.Event()
+        done: list[int] = []  # slots the steps are done with, handed back `burst` at a time
 
         def read(t: int) -> None:
             for i in range(t, steps, self.threads):
                 slot = i % S
-                while not free[slot].acquire(timeout=0.05):
-                    if stop.is_set():
-                        return
+                free[slot].acquire()  # no timeout: a waiting reader costs no wake-ups (the epoch's end releases it)
                 if stop.is_set():
                     return
                 try:
@@ -377,9 +401,18 @@ class Streamed:
                 yield Batch(torch.from_numpy(rows), x, lo, size, labels)
                 if cuda:
                     self.freed[slot].record(torch.cuda.current_stream(self.device))
-                free[slot].release()
+                done.append(slot)
+                if len(done) >= self.burst:
+                    for s in done:
+                        free[s].release()
+                    done.clear()
         finally:
             stop.set()
+            for lock in free:  # wake the readers waiting for a slot: they see `stop` and return
+                try:
+                    lock.release()
+                except RuntimeError:  # not held
+                    pass
             for r in readers:
                 r.join()  # no reader writes a slot after the epoch ends
 
@@ -387,7 +420,7 @@ class Streamed:
         return batch.x
 
 
-class Loaded:
+class Loaded(_Source):
     """A user's DataLoader, iterated as given (its sampler, its batch size, its workers) each epoch."""
 
     resident = False
@@ -414,7 +447,7 @@ class Loaded:
         pinned = "pinned by the loader" if getattr(self.loader, "pin_memory", False) else "pinned here" if self.device.type == "cuda" else "CPU"
         return f"a DataLoader ({self.loader.num_workers} workers, {pinned}) to {self.device}"
 
-    def batches(self, epoch: int, seed: int) -> Iterator[Batch]:
+    def _batches(self, epoch: int, seed: int) -> Iterator[Batch]:
         sampler = getattr(self.loader, "sampler", None)
         for s in (sampler, getattr(self.loader, "batch_sampler", None)):
             if hasattr(s, "set_epoch"):

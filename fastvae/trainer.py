@@ -227,7 +227,7 @@ class Trainer:
         # flags stay on (they cost nothing) and are read at every logging step (_check_values), on CPU too.
         self._checked_step = self.step
         _checks.clear_flags(self.device)  # only this run's steps are reported
-        with _checks.python_passes(False), _checks.deferred(), graphs.tf32(self.config.tf32):
+        with _checks.python_passes(False), _checks.deferred(), graphs.tf32(self.config.tf32), self.source.running():
             while self.epoch < self.config.epochs:
                 self.history.append(self._epoch())
                 self.epoch += 1

@@ -133,6 +133,30 @@ def test_the_rule_streams_what_does_not_fit(monkeypatch, tmp_path):
     assert source.nbytes_ring() == cfg.prefetch * BATCH * SIDE * SIDE
 
 
+def test_an_error_in_a_step_stops_the_readers_and_the_next_epoch_starts_clean(tmp_path):
+    import threading
+
+    ds = _write(tmp_path, _images())
+    torch.manual_seed(0)
+    model = fastvae.VAE(input_dim=SIDE * SIDE, hidden_dims=(16,), latent_dim=3)
+    trainer = fastvae.Trainer(model, ds, fastvae.TrainConfig(epochs=1, batch_size=BATCH, stream=True, progress=False), device="cpu")
+    before, calls, real = threading.active_count(), [0], model.loss_terms
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    model.loss_terms = failing
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit()
+    assert threading.active_count() == before  # the readers were stopped and joined
+    model.loss_terms = real
+    trainer.fit()
+    assert trainer.step == 4 + 13  # the failed epoch's four steps, then a whole epoch
+
+
 # -- kill -9 and resume while streaming -------------------------------------------------------------------------------
 
 EPOCHS = 12
