@@ -275,7 +275,9 @@ class Streamed(_Source):
     The ring has `prefetch` slots (rounded up to a multiple of `threads`); batch i goes to slot
     i % prefetch, and reader thread t fills the batches i with i % threads == t, in order. A slot is
     handed over with two plain locks (acquire and release run in C, so the training thread spends
-    no Python on a handoff): `filled` (the reader is done) and `free` (the step is done with it).
+    no Python on a handoff): `filled` (the reader is done) and `free` (the step is done with it),
+    released `burst` = prefetch / 2 slots at a time, so a reader wakes once per `burst` steps (each
+    wake-up takes a core from the step's own threads on a small CPU).
     On CUDA the host slots are pinned; a batch's copy to its device slot runs on a side stream as
     soon as its rows are gathered (several in flight), the training stream waits on the copy's event
     (no host sync), a device slot is overwritten only after the step that read it (an event the
