@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,8 +52,9 @@ def is_shard_folder(path: Path) -> bool:
 
 
 def open_data(path: str | os.PathLike, *, image_size: int | None = None, channels: int | None = None,
-              say: Callable[[str], None] = print) -> Any:
-    """The shard set at `path`, or the cached preparation of the images at `path` (prepared now if needed)."""
+              say: Callable[[str], None] = print, prepare: bool = True) -> Any:
+    """The shard set at `path`, or the cached preparation of the images at `path` (prepared now if needed).
+    prepare=False waits for another process to prepare it (torchrun's other ranks wait for rank 0)."""
     from . import data
 
     src = Path(path).expanduser()
@@ -70,6 +72,10 @@ def open_data(path: str | os.PathLike, *, image_size: int | None = None, channel
     out = root() / f"{base}-{fingerprint(src, settings)}"
     if is_shard_folder(out):
         say(f"fastvae: using {out}, the prepared copy of {src} (the folder and settings are unchanged since it was prepared)")
+        return data.open(out)
+    if not prepare:
+        while not is_shard_folder(out):
+            time.sleep(1.0)
         return data.open(out)
     say(f"fastvae: preparing {src} into the cache {out} (once: re-used while the folder and settings are unchanged; "
         f"set ${ENV_VAR} to put it elsewhere)")

@@ -117,7 +117,7 @@ def train(
     main = distributed.is_main()
     if data is not None:
         train_set = data if stream.is_shardset(data) else cache.open_data(data, image_size=image_size, channels=channels,
-                                                                          say=print if main else (lambda _: None))
+                                                                          say=print if main else (lambda _: None), prepare=main)
         images = stream.first(train_set, limit) if limit else train_set
         labels, classes = None, len(train_set.label_names) if train_set.label_names else 1
         name = Path(train_set.path).name
