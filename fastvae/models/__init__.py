@@ -25,7 +25,7 @@ _CLASSES = {
 }
 MODELS = tuple(_CLASSES)
 
-__all__ = ["MODELS", "get", "from_config", "for_data", "ConditionalVAE", "ConvVAE", "HierarchicalVAE", "RecurrentVAE", "AdversarialAE"]
+__all__ = ["MODELS", "get", "from_config", "from_pretrained", "for_data", "ConditionalVAE", "ConvVAE", "HierarchicalVAE", "RecurrentVAE", "AdversarialAE"]
 
 
 def get(name: str) -> type[nn.Module]:
@@ -40,6 +40,13 @@ def from_config(config: dict[str, Any], *, backend: str | None = None) -> nn.Mod
     """Rebuild a model (untrained weights) from its config(), as stored in checkpoints."""
     kwargs = dict(config)
     return get(kwargs.pop("model", "vae"))(**kwargs, backend=backend)
+
+
+def from_pretrained(path: Any, *, backend: str | None = None, map_location: Any = "cpu", **hub: Any) -> nn.Module:
+    """The fastvae model (any kind) a save_pretrained folder or Hub repo id holds, in eval mode (see fastvae.pretrained)."""
+    from ..pretrained import from_pretrained as load
+
+    return load(path, backend=backend, map_location=map_location, **hub)
 
 
 def for_data(name: str, sample_shape: Sequence[int], *, hidden_dims: Sequence[int] | None = None, latent_dim: int = 20,
