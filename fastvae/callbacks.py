@@ -153,6 +153,8 @@ class JSONLWriter(Callback):
         self.path = Path(path) if path is not None else None
 
     def on_run_start(self, trainer: Trainer) -> None:
+        if self.path is None and trainer.out_dir is None:
+            raise ValueError("JSONLWriter() writes the run folder's metrics.jsonl: give the Trainer an out_dir, or JSONLWriter(path)")
         self.path = self.path or trainer.out_dir / METRICS
         trim(self.path, trainer.step)
 
