@@ -12,6 +12,8 @@ these methods); pass them as ``Trainer(..., callbacks=[...])``. Each hook gets t
     on_epoch_end(trainer, record, model)   an epoch ended and its checkpoint is written
     on_run_end(trainer, status)            "finished", "interrupted" (Ctrl-C) or "failed"
 
+To end a run early, a hook sets ``trainer.should_stop = True``: training stops after the current
+epoch (its checkpoint written) and the run ends as "finished"; a resume continues it.
 A callback that raises stops the run with a ``CallbackError`` naming it and the hook; the
 checkpoint of the last finished epoch stays (none is written after the failure). Callbacks run
 in every process under torchrun (the writers below only on rank 0, where ``out_dir`` is set).

@@ -166,6 +166,7 @@ class Trainer:
         self.callbacks = callbacks_.standard(self) + user_callbacks
         self.epoch = 0
         self.step = 0
+        self.should_stop = False  # a callback sets it to end the run after the current epoch (early stopping)
         self.history: list[dict[str, float]] = []
         self._graph: graphs.GraphStep | None = None
 
@@ -208,11 +209,11 @@ class Trainer:
         # flags stay on (they cost nothing) and are read at every logging step (_check_values), on CPU too.
         self._checked_step = self.step
         _checks.clear_flags(self.device)  # only this run's steps are reported
-        status = "failed"
+        status, self.should_stop = "failed", False
         try:
             self._emit("on_run_start")
             with _checks.python_passes(False), _checks.deferred(), graphs.tf32(self.config.tf32):
-                while self.epoch < self.config.epochs:
+                while self.epoch < self.config.epochs and not self.should_stop:
                     self.history.append(self._epoch())
                     self.epoch += 1
                     if self.out_dir is not None:

@@ -77,6 +77,16 @@ def test_a_callback_that_raises_stops_the_run_named_and_the_last_checkpoint_stay
     assert [r["step"] for r in _records(tmp_path) if r.get("event") != "epoch"] == [2, 4, 5, 6, 8, 10]  # each step once
 
 
+def test_a_callback_stops_the_run_early_after_an_epoch(tmp_path, real_data):
+    class Enough(callbacks.Callback):
+        def on_log(self, trainer, record):
+            trainer.should_stop = record["step"] >= 3  # mid-epoch: the epoch still ends, with its checkpoint
+
+    rec = Recorder()
+    history = _trainer(real_data.images[:N], tmp_path, [Enough(), rec]).fit()
+    assert len(history) == 1 and fastvae.checkpoint.load(tmp_path)["epoch"] == 1 and rec.events[-1] == ("end", "finished")
+
+
 def test_ctrl_c_in_the_loop_reaches_every_callback_as_interrupted(real_data):
     class Interrupts(callbacks.Callback):
         def on_log(self, trainer, record):
@@ -163,3 +173,14 @@ def test_tensorboard_images_of_colour_conv_and_a_users_module(tmp_path):
     fastvae.fit(CASES[0].model(), grey, epochs=1, batch_size=32, device="cpu", out_dir=tmp_path / "fit", progress=False, logger="tensorboard")
     acc = _events(tmp_path / "fit")
     assert acc.Scalars("train/loss") and [i.height for i in acc.Images("reconstructions")] == [8 * 30 + 2]
+
+
+def test_logger_overhead_benchmark_runs(real_data, capsys):
+    pytest.importorskip("tensorboard", reason="pip install 'fastvae[tensorboard]' to run the TensorBoard tests")
+    from benchmarks import logger_overhead
+
+    result = logger_overhead.run(rounds=2, epochs=1, samples=256, device="cpu")
+    assert [len(result["seconds"][k]) for k in ("jsonl", "tensorboard")] == [2, 2]
+    assert result["ratio_min"] == pytest.approx(min(result["seconds"]["tensorboard"]) / min(result["seconds"]["jsonl"]))
+    assert result["target"] == "ratio_min <= 1.03" and isinstance(result["met"], bool)
+    assert [json.loads(line)["logger"] for line in capsys.readouterr().out.splitlines()] == ["jsonl", "tensorboard", "tensorboard", "jsonl"]
