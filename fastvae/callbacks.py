@@ -37,6 +37,7 @@ from torch import nn
 
 from . import plots
 from ._extras import need
+from .checkpoint import FILENAME as CHECKPOINT
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -127,8 +128,8 @@ class Dispatch:
         where = f"at step {t.step}, epoch {t.epoch + 1}" if hook != "on_epoch_end" else f"after epoch {t.epoch}"
         if t.out_dir is None:
             kept = "no checkpoint is written (the Trainer has no out_dir)"
-        elif t.epoch > 0 and (t.out_dir / "checkpoint.pt").is_file():
-            kept = f"{t.out_dir / 'checkpoint.pt'} holds epoch {t.epoch}, the last one finished: resume from it"
+        elif t.epoch > 0 and (t.out_dir / CHECKPOINT).is_file():
+            kept = f"{t.out_dir / CHECKPOINT} holds epoch {t.epoch}, the last one finished: resume from it"
         else:
             kept = "no epoch finished, so there is no checkpoint yet"
         return f"callback {name_of(cb)} raised in {hook} {where}, so the run stopped ({type(exc).__name__}: {exc}); {kept}"
