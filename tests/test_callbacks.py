@@ -184,3 +184,24 @@ def test_logger_overhead_benchmark_runs(real_data, capsys):
     assert result["ratio_min"] == pytest.approx(min(result["seconds"]["tensorboard"]) / min(result["seconds"]["jsonl"]))
     assert result["target"] == "ratio_min <= 1.03" and isinstance(result["met"], bool)
     assert [json.loads(line)["logger"] for line in capsys.readouterr().out.splitlines()] == ["jsonl", "tensorboard", "tensorboard", "jsonl"]
+
+
+def test_a_resumed_run_logs_each_step_once_in_tensorboard(tmp_path, real_data):
+    """A run killed after epoch 2 began logging resumes from epoch 1's checkpoint: TensorBoard hides the lost steps."""
+    pytest.importorskip("tensorboard", reason="pip install 'fastvae[tensorboard]' to run the TensorBoard tests")
+    import shutil
+
+    class KeepFirst(callbacks.Callback):
+        def on_epoch_end(self, trainer, record, model):
+            if trainer.epoch == 1:
+                shutil.copy(trainer.out_dir / "checkpoint.pt", tmp_path / "epoch1.pt")
+
+    _trainer(real_data.images[:N], tmp_path / "run", [KeepFirst()], logger="tensorboard").fit()
+    shutil.copy(tmp_path / "epoch1.pt", tmp_path / "run" / "checkpoint.pt")  # as if killed during epoch 2
+    resumed = _trainer(real_data.images[:N], tmp_path / "run", logger="tensorboard")
+    resumed.resume(tmp_path / "run")
+    resumed.fit()
+    events = _events(tmp_path / "run").Scalars("train/loss")
+    steps = [r for r in _records(tmp_path / "run") if r.get("event") != "epoch"]
+    assert [e.step for e in events] == [r["step"] for r in steps] == [2, 4, 5, 6, 8, 10]
+    assert [e.value for e in events] == pytest.approx([r["loss"] for r in steps], rel=1e-6)
