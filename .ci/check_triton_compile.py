@@ -17,7 +17,7 @@ once per program), or when the reparam kernels call Philox more than once per 4 
 
 --quick (CI) compiles the shapes the reference run and the benchmarks use, in float32 and
 bfloat16, each variant the training step launches; the full set (a few minutes per core) is
-what README.md's "GPU readiness" table reports.
+what the compile table of docs/gpu.md reports (--markdown prints it, for its triton-compile block).
 """
 from __future__ import annotations
 
@@ -277,7 +277,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI subset: the reference and benchmark shapes, fp32/bf16, training variants")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
-    parser.add_argument("--markdown", action="store_true", help="also print the README summary table")
+    parser.add_argument("--markdown", action="store_true", help="also print the summary table of docs/gpu.md (its triton-compile block)")
     opts = parser.parse_args()
     started = time.perf_counter()
     todo = jobs(opts.quick)
@@ -314,7 +314,7 @@ def main() -> None:
 
 
 def markdown(todo: list[Job], results: list[dict]) -> str:
-    """README summary: per kernel, the configurations compiled and the worst registers / spills /
+    """The summary table of docs/gpu.md: per kernel, the configurations compiled and the worst registers / spills /
     shared memory on sm_80 and sm_90."""
     rows: dict[str, dict[int, list[dict]]] = {}
     for job, res in zip(todo, results):

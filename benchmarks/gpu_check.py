@@ -22,7 +22,7 @@ In the background, from the start: the extension build, then (after the environm
 warm-up that fills the Triton and torch.compile caches; both end before the timed steps begin.
 After every step the results are written (a run cut short keeps what it measured):
 benchmarks/results/<gpu>-<date>.json in the suite's schema (benchmarks/report.py draws the
-README table and chart from it) with a "gpu_check" section (each step's status, checks and
+tables of docs/performance.md and the chart from it) with a "gpu_check" section (each step's status, checks and
 details, the goals), and <gpu>-<date>.md, a summary that says which goal was met; with --out,
 copies of both there, with the log. A rerun on the same day merges into that file: the steps
 it runs replace theirs. --dry-run runs every step at tiny sizes on the CPU (what needs CUDA is

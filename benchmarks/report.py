@@ -1,4 +1,5 @@
-"""Results files -> the README performance tables and benchmarks/results/chart.png.
+"""Results files -> the performance tables (docs/performance.md), README's headline and
+benchmarks/results/chart.png.
 
 Results files written before the honest baselines (benchmarks/common.py) are read as what they
 measured: their "eager" is the seed's formulation ("eager-seed"), their "compile" compiled it
@@ -11,8 +12,14 @@ import re
 from collections import Counter
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
-START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"  # the full tables, in docs/performance.md
+DOC = Path("docs") / "performance.md"  # the tables, relative to the repository root
+HEADLINE = ("<!-- headline:start -->", "<!-- headline:end -->")  # a few numbers on README's front page
+# The headline's cells: (column title, op record name, shape), each the fastest fastvae default path vs eager-best.
+HEADLINE_OPS = (("fused loss, fwd+bwd, 65536x784", "loss.fwd_bwd", (65536, 784, 20)),
+                ("reparam + KL, fwd+bwd, 65536x256", "reparam.fwd_bwd", (65536, 256)))
 BASELINES = ("eager-best", "eager-seed", "compile", "compile-seed")
 FASTVAE = ("torch", "triton", "cpp", "cuda")
 NOCHECKS = "-nochecks"
@@ -165,8 +172,8 @@ def skipped_note(run: dict) -> str:
     return "\n".join(f"- skipped {n}x: {reason}" for reason, n in reasons.items())
 
 
-def readme_block(runs: list[dict]) -> str:
-    """Markdown for the README: the latest run of each device."""
+def tables_block(runs: list[dict]) -> str:
+    """Markdown for docs/performance.md: every table of the latest run of each device."""
     parts = []
     for run in latest_per_device(runs):
         parts.append(f"**{run['device_name']}** ({run['date'][:10]}, commit {' + '.join(c[:10] for c in run['git_commit'].split(' + '))}, torch {run['torch']}; "
@@ -177,15 +184,48 @@ def readme_block(runs: list[dict]) -> str:
     return "\n".join(parts).strip() + "\n"
 
 
-def rewrite_block(path: str | Path, text: str) -> bool:
-    """Replace what lies between the bench markers in `path` with `text`; False if the markers are absent."""
+def headline_block(runs: list[dict]) -> str:
+    """Markdown for README's front page: per device (latest run), the fused loss and reparameterisation
+    at one large size against eager-best, and the reference run against the classic loop."""
+    lines = ["| device | " + " | ".join(title for title, _, _ in HEADLINE_OPS) + " | reference run (10 epochs) vs the classic loop |",
+             "|" + " --- |" * (len(HEADLINE_OPS) + 2)]
+    for run in latest_per_device(runs):
+        rows = _op_rows(run)
+        cells = []
+        for _, name, shape in HEADLINE_OPS:
+            row = rows.get((name, shape, "float32", "float32"), {})
+            best = _best(row, True)
+            base = row.get("eager-best", {}).get("median_ms")
+            cells.append("-" if best is None or base is None else f"**{base / best[1]:.2f}x** ({_fmt_ms(best[1])} vs {_fmt_ms(base)} ms)")
+        ref = {r["backend"]: r["seconds"] for r in run["results"] if r["name"] == "reference_run"}
+        cells.append(f"**{ref['seed-loop'] / ref['fastvae']:.2f}x** ({ref['fastvae']:.1f} vs {ref['seed-loop']:.1f} s)"
+                     if {"fastvae", "seed-loop"} <= ref.keys() else "-")
+        lines.append(f"| {run['device_name']}, {run['date'][:10]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def rewrite_block(path: str | Path, text: str, markers: tuple[str, str] = (START, END)) -> bool:
+    """Replace what lies between the markers in `path` with `text`; False if the markers are absent."""
     path = Path(path)
+    start, end = markers
     content = path.read_text()
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     if not pattern.search(content):
         return False
-    path.write_text(pattern.sub(lambda _: f"{START}\n{text}{END}", content, count=1))
+    path.write_text(pattern.sub(lambda _: f"{start}\n{text}{end}", content, count=1))
     return True
+
+
+def publish(runs: list[dict], doc: str | Path, readme: str | Path | None) -> None:
+    """Rewrite the tables in `doc` and, when given, the headline in `readme`; says what it wrote."""
+    for path, text, markers, what in ((doc, tables_block(runs), (START, END), "the performance tables"),
+                                      (readme, headline_block(runs), HEADLINE, "the headline")):
+        if path is None:
+            continue
+        if Path(path).exists() and rewrite_block(path, text, markers):
+            print(f"rewrote {what} in {path}")
+        else:
+            print(f"{path} has no {markers[0]} ... {markers[1]} block: {what} not written")
 
 
 def chart(runs: list[dict], out: str | Path) -> Path:
@@ -252,11 +292,14 @@ def merge(files: list[str | Path]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description="Merge results files; redraw the chart and the README table from all results files.")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report",
+                                description="Merge results files; redraw the chart, the tables of docs/performance.md and "
+                                            "README's headline from all results files.")
     p.add_argument("--merge", nargs="+", default=None, help="results files of one device to merge into --out")
     p.add_argument("--out", default=None)
     p.add_argument("--results-dir", default=str(RESULTS))
-    p.add_argument("--readme", default=str(Path(__file__).resolve().parent.parent / "README.md"))
+    p.add_argument("--doc", default=str(ROOT / DOC), help="the file whose bench block gets the tables")
+    p.add_argument("--readme", default=str(ROOT / "README.md"), help="the file whose headline block gets the headline")
     args = p.parse_args(argv)
     if args.merge:
         if not args.out:
@@ -266,8 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = load_all(Path(args.results_dir))
     if runs:
         print(f"wrote {chart(runs, Path(args.results_dir) / 'chart.png')}")
-        if Path(args.readme).exists() and rewrite_block(args.readme, readme_block(runs)):
-            print(f"rewrote the performance table in {args.readme}")
+        publish(runs, args.doc, args.readme)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Run the benchmark suite and write a results file, the chart and the README table.
+"""Run the benchmark suite and write a results file, the chart and the performance tables.
 
     python -m benchmarks.run [--smoke | --quick] [--out FILE] [--parts ops,dropin,reference]
     fastvae bench ...            (the same, from the CLI)
@@ -7,11 +7,11 @@
 --quick: mid sizes, 1 epoch on 10,000 images; default: the full suite and the 10-epoch run.
 
 Where it writes: a full run without --out is the documented way to publish: it writes
-benchmarks/results/<device>-<date>.json, then redraws benchmarks/results/chart.png and the
-README's table from every results file there. A --smoke or --quick run (or any run given --out)
-touches no committed file: it writes the results file (--out, else a new temporary folder), and
-beside it chart.png and <name>.md (the table of this run). --readme and --results-dir name a
-README and a results folder to update explicitly.
+benchmarks/results/<device>-<date>.json, then redraws benchmarks/results/chart.png, the tables of
+docs/performance.md and README's headline from every results file there. A --smoke or --quick run
+(or any run given --out) touches no committed file: it writes the results file (--out, else a new
+temporary folder), and beside it chart.png and <name>.md (the tables of this run). --doc and
+--results-dir name a tables file and a results folder to update explicitly.
 
 Parts: "ops" (benchmarks/test_ops.py), "dropin" (benchmarks/test_dropin.py: users' own VAEs per
 training step, plain vs fastvae.accelerate vs the engine; skipped with a message where the file
@@ -156,8 +156,8 @@ def run_dropin(preset: str, dev: torch.device, extra: list[str]) -> tuple[list[d
 
 
 def outputs(args: argparse.Namespace, preset: str, dev: torch.device) -> tuple[Path, bool]:
-    """(results file, publish?): a full run without --out publishes into benchmarks/results and
-    README.md; anything else writes to --out, an explicit --results-dir, or a new temporary folder."""
+    """(results file, publish?): a full run without --out publishes into benchmarks/results,
+    docs/performance.md and README.md's headline; anything else writes to --out, an explicit --results-dir, or a new temporary folder."""
     name = f"{slug(dev)}-{dt.date.today().isoformat()}.json"
     publish = preset == "full" and args.out is None
     if args.out:
@@ -183,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=None, help="reference run: first N training images (default all)")
     p.add_argument("--variants", default=None, help=f"reference run variants, comma-separated from {','.join(reference_run.VARIANTS)}")
     p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST IDX files (default: the standard places)")
-    p.add_argument("--readme", default=None, help="rewrite this file's bench block (default: README.md on a full run without --out)")
+    p.add_argument("--doc", "--readme", dest="doc", default=None,
+                   help="rewrite this file's bench block (default: docs/performance.md, and README.md's headline, on a full run "
+                        "without --out; --readme is its old name)")
     p.add_argument("--results-dir", default=None, help="folder of results files for the chart and table (default: benchmarks/results "
                                                        "on a full run without --out, else this run alone)")
     p.add_argument("--pytest-args", default="", help="extra arguments for pytest, e.g. \"-k loss\"")
@@ -249,16 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     chart_dir = results_dir or out.parent
     if runs:
         print(f"wrote {report.chart(runs, chart_dir / 'chart.png')}")
-        block = report.readme_block(runs)
-        readme = Path(args.readme) if args.readme else (ROOT / "README.md" if publish else None)
-        if readme is None:
-            table = out.with_suffix(".md")
-            table.write_text(block)
-            print(f"wrote {table} (the README table of this run; README.md untouched)")
-        elif readme.exists() and report.rewrite_block(readme, block):
-            print(f"rewrote the performance table in {readme}")
+        if publish or args.doc:
+            report.publish(runs, args.doc or ROOT / report.DOC, ROOT / "README.md" if publish else None)
         else:
-            print(f"{readme} has no {report.START} ... {report.END} block: table not written")
+            table = out.with_suffix(".md")
+            table.write_text(report.tables_block(runs))
+            print(f"wrote {table} (the tables of this run; docs/performance.md and README.md untouched)")
     return 1 if failures else 0
 
 

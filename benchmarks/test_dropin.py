@@ -11,7 +11,7 @@ Records carry extra_info {"op": "dropin", "pass": "step", "model", "impl", "back
 models and one conv model, batch 128) or full (all, batch 128). Run through ``python -m
 benchmarks.run --parts dropin`` or ``python -m pytest benchmarks/test_dropin.py --benchmark-only``.
 On a shared, noisy machine compare with ``python -m benchmarks.test_dropin --seconds 600``: the
-impls interleaved step by step, min and median of paired ratios (the README's numbers).
+impls interleaved step by step, min and median of paired ratios (the numbers in docs/your-own-vae.md).
 """
 from __future__ import annotations
 

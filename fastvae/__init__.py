@@ -1,6 +1,6 @@
 """fastvae: fused-kernel training engine for Variational Autoencoders."""
 from . import functional, models, ops, reference
-from . import data
+from . import data, prepare, shards
 from ._checks import check_values, value_checks
 from .dropin import accelerate, fit
 from .apps import interpolate, latent_map, score

@@ -1,4 +1,4 @@
-"""The ``fastvae`` command: train, sample, reconstruct, score, export, info."""
+"""The ``fastvae`` command: train, sample, reconstruct, score, prepare, export, info."""
 from __future__ import annotations
 
 import argparse
@@ -134,13 +134,37 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--batch-size", type=_positive_int, default=256, metavar="N", help="inputs per batch")
     sc.add_argument("--out", default=None, metavar="CSV", help="CSV to write (default: scores-<split>-k<K>.csv in the checkpoint's run folder)")
 
+    _prepare_arguments(sub)
     e = _subcommand(sub, "export", "write a run's model as model.safetensors + config.json (Hugging Face layout)")
     e.add_argument("checkpoint", metavar="RUN", help="a run folder (runs/<name>) or its checkpoint.pt")
     e.add_argument("out", metavar="DIR", help="folder to write (created; files of an earlier export there are replaced atomically)")
-
     sub.add_parser("info", help="versions, devices and active backends")
     sub.add_parser("bench", help="run the benchmark suite (source checkout; see python -m benchmarks.run --help)", add_help=False)
     return parser
+
+
+def _prepare_arguments(sub) -> None:
+    """`fastvae prepare SRC OUT`: an image folder, IDX file or .npy array -> uint8 shards (fastvae/prepare.py)."""
+    from .prepare import IMAGE_EXTENSIONS, RESIZE_POLICY
+
+    p = sub.add_parser("prepare", help="convert an image folder, an IDX file or a .npy array into uint8 shards for training",
+                       formatter_class=_Help,
+                       description="Convert SRC into uint8 shard files plus a manifest in OUT (read them with fastvae.data.open). "
+                                   f"SRC: a folder of images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}; searched recursively; "
+                                   "sub-folders name the labels, as torchvision's ImageFolder), an IDX images file, or a .npy "
+                                   "uint8 array. Unreadable images are skipped, counted and listed in the manifest. A killed run "
+                                   "resumes when the same command runs again.")
+    p.add_argument("src", metavar="SRC", help="image folder, IDX images file (e.g. train-images-idx3-ubyte.gz) or .npy array")
+    p.add_argument("out", metavar="OUT", help="a new or empty folder for the shards (or an unfinished prepare of the same command)")
+    p.add_argument("--image-size", type=_positive_int, default=None, metavar="S",
+                   help=f"resize to SxS: {RESIZE_POLICY}. Default: keep the size (all images must then have the same)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="force grayscale (1) or RGB (3); default: keep (3 when any image is in colour, else 1)")
+    p.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                   help="decoding processes for an image folder (default: the cores this process may use)")
+    p.add_argument("--labels", default=None, metavar="FILE",
+                   help="labels of an IDX/.npy source (IDX or .npy integers; default for IDX: the *-labels-idx1-ubyte file beside it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _load(path: str):
@@ -231,6 +255,24 @@ def _run(args: argparse.Namespace) -> int:
         from .pretrained import export
 
         print(f"wrote {export(args.checkpoint, args.out)} (model.safetensors, config.json, README.md)")
+        return 0
+    if args.command == "prepare":
+        from .prepare import prepare
+
+        try:
+            out = prepare(args.src, args.out, image_size=args.image_size, channels=args.channels, workers=args.workers,
+                          progress=not args.no_progress, labels=args.labels)
+        except KeyboardInterrupt:
+            print(f"\nfastvae prepare: interrupted; the finished shards in {args.out} are kept: run the same command "
+                  f"again to resume", file=sys.stderr)
+            return 130
+        from .shards import open as open_shards
+
+        ds = open_shards(out)
+        c, h, w = ds.shape
+        labels = f", {len(ds.label_names)} labels" if ds.label_names else ""
+        print(f"wrote {out}: {len(ds)} images {c}x{h}x{w} in {len(ds.shards)} shards{labels}, "
+              f"{len(ds.manifest['skipped'])} skipped")
         return 0
     if args.command == "sample":
         from . import plots

@@ -1,4 +1,5 @@
-"""Real MNIST and Fashion-MNIST: find the IDX files on disk, read them fast, download only on request.
+"""Real MNIST and Fashion-MNIST: find the IDX files on disk, read them fast, download only on request;
+and `open`, a user's own images prepared as uint8 shards (fastvae/shards.py, `fastvae prepare`).
 
 The project trains on real data only. `load` looks in an explicit `root`, else in $FASTVAE_DATA and
 the standard places (Debian's dataset-fashion-mnist package, ~/.cache/fastvae/<name>/, torchvision's
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import math
 import os
 import tempfile
@@ -20,7 +22,10 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-__all__ = ["Dataset", "DatasetNotFoundError", "DownloadError", "load", "read_idx", "to_float", "NAMES", "SPLITS"]
+from . import shards as _shards
+from .shards import ShardSet
+
+__all__ = ["Dataset", "DatasetNotFoundError", "DownloadError", "ShardSet", "load", "open", "read_idx", "to_float", "NAMES", "SPLITS"]
 
 NAMES = ("fashion-mnist", "mnist")
 SPLITS = ("train", "test")
@@ -55,6 +60,11 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _FETCH_TIMEOUT_S = 60.0
 
 
+def open(path: str | os.PathLike, *, verify: str = "auto") -> ShardSet:
+    """Open a prepared shard set (the OUT folder of `fastvae prepare`): see fastvae.shards.open."""
+    return _shards.open(path, verify=verify)
+
+
 class DatasetNotFoundError(FileNotFoundError):
     """No folder holds the IDX files of the requested dataset split; the message lists where we looked."""
 
@@ -84,10 +94,10 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     payload must be exactly the size the header promises: a truncated or padded file is refused.
     """
     path = Path(path)
-    with open(path, "rb") as raw:
+    with io.open(path, "rb") as raw:
         compressed = raw.read(2) == _GZIP_MAGIC
     try:
-        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+        with (gzip.open(path, "rb") if compressed else io.open(path, "rb")) as f:
             return _read_idx_stream(f, path)
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise ValueError(f"{path}: corrupt gzip stream ({e}); delete the file and download or reinstall it") from None

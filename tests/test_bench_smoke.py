@@ -1,4 +1,5 @@
-"""The benchmark harness: results file, chart and README tables; smoke runs never touch committed files."""
+"""The benchmark harness: results file, chart, the tables of docs/performance.md and README's headline;
+smoke runs never touch committed files."""
 import hashlib
 import json
 import math
@@ -14,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _committed_state() -> dict[str, str]:
-    """Hash of README.md and of every file under benchmarks/results."""
-    files = [ROOT / "README.md", *sorted((ROOT / "benchmarks" / "results").iterdir())]
+    """Hash of README.md, docs/performance.md and every file under benchmarks/results."""
+    files = [ROOT / "README.md", ROOT / report.DOC, *sorted((ROOT / "benchmarks" / "results").iterdir())]
     return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
@@ -23,7 +24,7 @@ def test_smoke_suite_writes_results_chart_and_table_beside_out_only(tmp_path, ca
     before = _committed_state()
     out = tmp_path / "cpu-test.json"
     assert run.main(["--smoke", "--device", "cpu", "--out", str(out)]) == 0
-    assert _committed_state() == before, "a smoke run changed README.md or benchmarks/results"
+    assert _committed_state() == before, "a smoke run changed README.md, docs/performance.md or benchmarks/results"
     doc = json.loads(out.read_text())
     for key in ("device_name", "torch", "triton", "cuda", "command", "git_commit", "date", "results", "skipped"):
         assert key in doc
@@ -50,7 +51,7 @@ def test_smoke_suite_writes_results_chart_and_table_beside_out_only(tmp_path, ca
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "cpu-test.md").read_text()
     assert "| loss.fwd_bwd | 64x96x8 | float32 |" in table and "| seed-loop | 512 x 1 |" in table
-    assert "README.md untouched" in capsys.readouterr().out
+    assert "docs/performance.md and README.md untouched" in capsys.readouterr().out
 
 
 def _canned_ops(*_args, **_kwargs):
@@ -74,30 +75,47 @@ def test_smoke_without_out_writes_a_temporary_folder(monkeypatch, tmp_path, caps
     assert str(folder) in capsys.readouterr().out
 
 
-def test_full_run_publishes_results_chart_and_readme(monkeypatch, tmp_path):
-    """The documented job of a full run without --out: results file, chart and README block."""
+def test_full_run_publishes_results_chart_tables_and_headline(monkeypatch, tmp_path):
+    """The documented job of a full run without --out: results file, chart, the tables in
+    docs/performance.md and README's headline."""
     monkeypatch.setattr(run, "run_ops", _canned_ops)
     monkeypatch.setattr(run, "ROOT", tmp_path)
     monkeypatch.setattr(report, "RESULTS", tmp_path / "results")
-    (tmp_path / "README.md").write_text(f"# x\n\n{report.START}\nold table\n{report.END}\n\nrest\n")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / report.DOC).write_text(f"# x\n\n{report.START}\nold table\n{report.END}\n\nrest\n")
+    (tmp_path / "README.md").write_text(f"# y\n\n{report.HEADLINE[0]}\nold headline\n{report.HEADLINE[1]}\n\nmore\n")
     assert run.main(["--device", "cpu", "--parts", "ops"]) == 0
     (published,) = (tmp_path / "results").glob("cpu-*.json")
     assert json.loads(published.read_text())["skipped"][0]["reason"] == "cuda: no GPU here"
     assert (tmp_path / "results" / "chart.png").exists()
-    text = (tmp_path / "README.md").read_text()
+    text = (tmp_path / report.DOC).read_text()
     assert "old table" not in text and text.endswith("\n\nrest\n")
     assert "| loss.fwd_bwd | 8x4x2 | float32 |" in text and "- skipped 1x: cuda: no GPU here" in text
+    readme = (tmp_path / "README.md").read_text()
+    assert "old headline" not in readme and readme.endswith("\n\nmore\n")
+    assert "| device |" in readme and "| loss.fwd_bwd |" not in readme
 
 
-def test_smoke_updates_a_readme_and_results_folder_named_explicitly(monkeypatch, tmp_path):
+def test_headline_names_the_device_and_the_speedups():
+    rec = {"shape": [65536, 784, 20], "dtype": "float32", "gbps": 1.0, "name": "loss.fwd_bwd"}
+    ref = {"name": "reference_run", "shape": [60000, 784, 20], "dtype": "float32", "epochs": 10, "final_loss": 242.0}
+    run_doc = {"device": "cuda", "device_name": "GPU X", "date": "2030-01-02T03:04", "results": [
+        {**rec, "backend": "eager-best", "median_ms": 9.0}, {**rec, "backend": "cuda", "value_checks": True, "median_ms": 3.0},
+        {**rec, "backend": "cuda-nochecks", "value_checks": False, "median_ms": 1.0},  # checks off is not the headline
+        {**ref, "backend": "seed-loop", "seconds": 50.0}, {**ref, "backend": "fastvae", "seconds": 0.5}]}
+    row = report.headline_block([run_doc]).splitlines()[-1]
+    assert row == "| GPU X, 2030-01-02 | **3.00x** (3 vs 9 ms) | - | **100.00x** (0.5 vs 50.0 s) |"
+
+
+def test_smoke_updates_a_tables_file_and_results_folder_named_explicitly(monkeypatch, tmp_path):
     monkeypatch.setattr(run, "run_ops", _canned_ops)
-    readme = tmp_path / "README.md"
-    readme.write_text(f"{report.START}\nold\n{report.END}\n")
+    tables = tmp_path / "performance.md"
+    tables.write_text(f"{report.START}\nold\n{report.END}\n")
     before = _committed_state()
-    assert run.main(["--smoke", "--device", "cpu", "--parts", "ops", "--results-dir", str(tmp_path), "--readme", str(readme)]) == 0
+    assert run.main(["--smoke", "--device", "cpu", "--parts", "ops", "--results-dir", str(tmp_path), "--doc", str(tables)]) == 0
     assert _committed_state() == before
     assert len(list(tmp_path.glob("cpu-*.json"))) == 1 and (tmp_path / "chart.png").exists()
-    assert "| loss.fwd_bwd | 8x4x2 | float32 |" in readme.read_text()
+    assert "| loss.fwd_bwd | 8x4x2 | float32 |" in tables.read_text()
 
 
 def test_unsupported_dtype_is_skipped_with_its_reason(monkeypatch, tmp_path):

@@ -50,7 +50,7 @@ def test_dry_run_reports_every_step_in_the_suites_schema(tmp_path, real_data):
     assert by_step["suite"]
     assert all("reason" in s and "step" in s for s in doc["skipped"])
     assert all(x["met"] is None for x in g["goals"])  # tiny CPU sizes judge nothing
-    assert "| loss.fwd_bwd |" in report.readme_block([doc])  # the README table draws from it
+    assert "| loss.fwd_bwd |" in report.tables_block([doc])  # the tables of docs/performance.md draw from it
     assert "dry run on the CPU" in json_file.with_suffix(".md").read_text()
 
 

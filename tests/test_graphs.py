@@ -150,7 +150,7 @@ def test_graph_step_body_trains_like_the_eager_loop(monkeypatch):
 # -- the captured step's op budget, counted on CPU ---------------------------------------------------------------------
 
 KERNELS = ("reparam_forward", "reparam_backward", "loss_forward", "scale_grads", "decode_mlp", "to_image")
-STEP_BUDGET = 80  # ops in one captured training step of the reference model (README "GPU readiness")
+STEP_BUDGET = 80  # ops in one captured training step of the reference model (docs/gpu.md "Checked without a GPU")
 PHILOX_OPS = ("bitwise_and", "bitwise_xor", "rshift", "lshift", "remainder", "gather")  # the PyTorch Philox reference's
 
 
