@@ -162,3 +162,37 @@ def test_lightning_validation_summary_bf16_and_checkpoint_reload(tmp_path):
     assert torch.isfinite(trainer.callback_metrics["val_loss"])
     back = LitVAE.load_from_checkpoint(trainer.checkpoint_callback.best_model_path)
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), lit.state_dict().values()))
+
+
+@pytest.mark.parametrize("order", ["accelerate-then-ddp", "ddp-then-accelerate"])
+def test_distributed_data_parallel_wrapping_in_either_order(order, tmp_path):
+    """Lightning's and Accelerate's multi-device strategies wrap the module in DistributedDataParallel, before
+    or after the user's fastvae.accelerate: one gloo process here, the same losses and gradients as the plain module."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        case = CASE["examples_mlp"]
+        data = _batches(case)
+        plain, vae = _pair(case)
+        wrapped = DDP(vae) if order == "accelerate-then-ddp" else fastvae.accelerate(DDP(fastvae.dropin.deaccelerate(vae)), sampling="fused", seed=SEED)
+        logs = []
+        for model in (plain, wrapped):
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+            log = []
+            for batch in data.split(BATCH):
+                with InjectEps() as inject:
+                    loss = case.loss(model, (batch,), model(batch))
+                loss.backward()
+                log.append((loss.detach().clone(), [p.grad.detach().clone() for p in model.parameters()]))
+                optimizer.step()
+                optimizer.zero_grad()
+            logs.append(log)
+            draws = inject.draws
+        _compare(*logs)
+        assert draws == 0  # the last batch's sample came from the fused kernel
+    finally:
+        dist.destroy_process_group()
