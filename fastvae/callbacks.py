@@ -200,16 +200,14 @@ class TensorBoard(Callback):
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.n_images, self.flush_secs = n_images, flush_secs
         self.writer = None
-        self._images: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self._no_images = ""
+        self._images: Callable[..., torch.Tensor] | None = None
 
     def on_run_start(self, trainer: Trainer) -> None:
         log_dir = self.log_dir or trainer.out_dir
         if log_dir is None:
             raise ValueError("the TensorBoard logger writes into the run folder: give the Trainer an out_dir (or TensorBoard(log_dir=...))")
         self.writer = self._tb.SummaryWriter(str(log_dir), purge_step=trainer.step + 1 if trainer.step else None, flush_secs=self.flush_secs)
-        self._images = image_layout(trainer)
-        self._no_images = "" if self._images else "the samples' shape is not an image's"
+        self._images = image_layout(trainer)  # None: the samples are not images
         self._hparams(trainer)
 
     def _hparams(self, trainer: Trainer) -> None:
@@ -227,15 +225,16 @@ class TensorBoard(Callback):
                 self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
 
     def on_epoch_end(self, trainer: Trainer, record: dict[str, float], model: nn.Module) -> None:
-        if self._images is not None:
-            try:
-                recon, samples = epoch_pictures(trainer, model, self.n_images)
-            except RuntimeError as exc:  # a user's module (fastvae.fit) that cannot decode outside its training forward
-                self._images, self._no_images = None, str(exc)
-                warnings.warn(f"TensorBoard: no images from this model ({exc}); the scalars are logged", RuntimeWarning, stacklevel=2)
-            else:
-                self._add_png("reconstructions", self._images(recon, 8), trainer.step)
-                self._add_png("samples", self._images(*samples), trainer.step)
+        if self._images is None:
+            return
+        try:
+            pictures = epoch_pictures(trainer, model, self.n_images)
+        except RuntimeError as exc:  # a user's module (fastvae.fit) that cannot decode outside its training forward
+            self._images = None
+            warnings.warn(f"TensorBoard: no images from this model ({exc}); the scalars are logged", RuntimeWarning, stacklevel=2)
+            return
+        for tag, (rows, columns) in pictures.items():
+            self._add_png(tag, self._images(rows, columns), trainer.step)
 
     def _add_png(self, tag: str, picture: torch.Tensor, step: int) -> None:
         """An image summary of a (C, H, W) uint8 picture, PNG-encoded at zlib level 1: SummaryWriter.add_image
@@ -294,27 +293,42 @@ def image_layout(trainer: Trainer) -> Callable[..., torch.Tensor] | None:
     return picture
 
 
+def first_inputs(trainer: Trainer, n: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The first n training inputs (N, D) and their labels (or None), on the device, for pictures;
+    None where the Trainer holds no data tensor."""
+    data = getattr(trainer, "data", None)
+    if data is None:
+        return None
+    return data[:n], (trainer.labels[:n] if trainer.labels is not None else None)
+
+
 @torch.no_grad()
-def epoch_pictures(trainer: Trainer, model: nn.Module, n: int) -> tuple[torch.Tensor, tuple[torch.Tensor, int | None]]:
-    """(originals above reconstructions as uint8 rows, (2n prior samples as uint8 rows, columns)) in eval mode
-    (batch-norm statistics untouched), the model's mode restored afterwards."""
+def epoch_pictures(trainer: Trainer, model: nn.Module, n: int) -> dict[str, tuple[torch.Tensor, int | None]]:
+    """{"reconstructions": (originals above reconstructions as uint8 rows, 8 columns), "samples": (2n prior
+    samples as uint8 rows, columns)}, made in eval mode (batch-norm statistics untouched), the mode restored."""
     was_training = model.training
     model.eval()
+    pictures = {}
     try:
-        rows = trainer.data[:n]
-        condition = {"labels": trainer.labels[:n]} if trainer.labels is not None else {}
-        originals = plots.to_pixels(rows if rows.dtype == torch.uint8 else rows.to(model.dtype)).cpu()
-        recon = plots.to_pixels(model.reconstruct(rows, **condition)).cpu()
+        inputs = first_inputs(trainer, n)
+        if inputs is not None:
+            rows, labels = inputs
+            condition = {"labels": labels} if labels is not None else {}
+            originals = plots.to_pixels(rows if rows.dtype == torch.uint8 else rows.to(model.dtype)).cpu()
+            pictures["reconstructions"] = (plots.above(originals, plots.to_pixels(model.reconstruct(rows, **condition)).cpu(), 8), 8)
         columns, extra = None, {}
         if getattr(model, "conditional", False):
             if hasattr(model, "num_classes"):  # the model draws classes 0, 1, ... in turn: one class per column
                 columns = model.num_classes
-            else:
-                extra = {"labels": trainer.labels[:2 * n]}
-        samples = model.sample(extra["labels"].shape[0] if extra else 2 * n, seed=0, out_dtype=torch.uint8, **extra)
+            else:  # a user's conditional module: the training set's first labels
+                first = first_inputs(trainer, 2 * n)
+                extra = {"labels": first[1]} if first is not None and first[1] is not None else None
+        if extra is not None:
+            count = extra["labels"].shape[0] if extra else 2 * n
+            pictures["samples"] = (model.sample(count, seed=0, out_dtype=torch.uint8, **extra).cpu(), columns)
     finally:
         model.train(was_training)
-    return plots.above(originals, recon, 8), (samples.cpu(), columns)
+    return pictures
 
 
 class Pictures(Callback):

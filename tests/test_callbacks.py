@@ -205,3 +205,16 @@ def test_a_resumed_run_logs_each_step_once_in_tensorboard(tmp_path, real_data):
     steps = [r for r in _records(tmp_path / "run") if r.get("event") != "epoch"]
     assert [e.step for e in events] == [r["step"] for r in steps] == [2, 4, 5, 6, 8, 10]
     assert [e.value for e in events] == pytest.approx([r["loss"] for r in steps], rel=1e-6)
+
+
+def test_tensorboard_without_a_data_tensor_logs_samples_only(tmp_path, real_data):
+    """Data the Trainer does not hold as one tensor (streamed): no reconstructions to draw, the samples still are."""
+    pytest.importorskip("tensorboard", reason="pip install 'fastvae[tensorboard]' to run the TensorBoard tests")
+    trainer = _trainer(real_data.images[:N], tmp_path, logger="tensorboard")
+    board = next(cb for cb in trainer.callbacks if isinstance(cb, callbacks.TensorBoard))
+    board.on_run_start(trainer)
+    trainer.data = None
+    board.on_epoch_end(trainer, {}, trainer.model)
+    board.on_run_end(trainer, "finished")
+    acc = _events(tmp_path)
+    assert acc.Tags()["images"] == ["samples"]
