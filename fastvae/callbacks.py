@@ -187,10 +187,10 @@ class TensorBoard(Callback):
 
     Scalars: every number of each metrics.jsonl record, as train/<key> at the logging steps (loss,
     recon and kl per sample, beta, lr, samples_per_s) and epoch/<key> at each epoch's end; images
-    at each epoch's end (written to disk by the writer's thread, at the latest every `flush_secs`): "reconstructions" (the first `n_images` training inputs, each row above its
+    at each epoch's end: "reconstructions" (the first `n_images` training inputs, each row above its
     reconstructions) and "samples" (`n_images` * 2 prior draws, seed 0; a conditional model one class
     per column); the run's hyper-parameters (TrainConfig and model config) under HPARAMS and as text.
-    The x axis is the training step. The images use the posterior mean and seeded draws, so they
+    The x axis is the training step. The writer's thread writes to disk, at the latest every `flush_secs`. The images use the posterior mean and seeded draws, so they
     take nothing from the training RNG: a run logs the same losses with and without this callback.
     A resumed run hides what a killed run logged past the checkpoint (SummaryWriter's purge_step).
     """
@@ -237,8 +237,8 @@ class TensorBoard(Callback):
             self._add_png(tag, self._images(rows, columns), trainer.step)
 
     def _add_png(self, tag: str, picture: torch.Tensor, step: int) -> None:
-        """An image summary of a (C, H, W) uint8 picture, PNG-encoded at zlib level 1: SummaryWriter.add_image
-        resamples and encodes at level 6, which cost more than a CPU epoch's 1% here for no better picture."""
+        """An image summary of a (C, H, W) uint8 picture, PNG-encoded at zlib level 1 (lossless like any level):
+        SummaryWriter.add_image also resamples the picture and encodes at level 6, several times slower here."""
         import io
 
         from PIL import Image
