@@ -12,11 +12,9 @@ from torch import nn
 
 from . import checkpoint, distributed, models
 from . import data as datasets
-from .backends import resolve
+from .backends import OPS, resolve
 from .callbacks import Pictures
 from .trainer import CHECKPOINT, METRICS, TrainConfig, Trainer
-
-OPS = ("reparam", "loss", "decode")
 
 
 def default_out(dataset: str) -> Path:
