@@ -30,7 +30,7 @@ import os
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -39,27 +39,41 @@ from . import plots
 from ._extras import need
 from .checkpoint import FILENAME as CHECKPOINT
 
-if TYPE_CHECKING:
-    from .trainer import Trainer
-
 METRICS = "metrics.jsonl"
 HOOKS = ("on_run_start", "on_log", "on_epoch_end", "on_run_end")
 STATUSES = ("finished", "interrupted", "failed")
 
 
+class Run(Protocol):
+    """What a callback may read of the Trainer it is given (``fastvae.Trainer`` is one; described here rather
+    than imported: trainer.py imports this module), and ``should_stop``, the one thing it may set."""
+
+    model: nn.Module
+    config: Any  # the TrainConfig
+    device: torch.device
+    out_dir: Path | None
+    data: torch.Tensor | None  # the training inputs (N, input_dim) on the device, where held as one tensor
+    labels: torch.Tensor | None
+    sample_shape: tuple[int, ...] | None  # one input's shape as given
+    epoch: int  # epochs finished
+    step: int  # steps taken
+    history: list[dict[str, float]]
+    should_stop: bool
+
+
 class Callback:
     """Base class of Trainer callbacks: every hook does nothing; override those you need (see the module docstring)."""
 
-    def on_run_start(self, trainer: Trainer) -> None:
+    def on_run_start(self, trainer: Run) -> None:
         pass
 
-    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+    def on_log(self, trainer: Run, record: dict[str, Any]) -> None:
         pass
 
-    def on_epoch_end(self, trainer: Trainer, record: dict[str, float], model: nn.Module) -> None:
+    def on_epoch_end(self, trainer: Run, record: dict[str, float], model: nn.Module) -> None:
         pass
 
-    def on_run_end(self, trainer: Trainer, status: str) -> None:
+    def on_run_end(self, trainer: Run, status: str) -> None:
         pass
 
 
@@ -91,7 +105,7 @@ def check(callbacks: Sequence[Any] | None) -> list[Any]:
 class Dispatch:
     """Calls one hook on every callback in order; the first that raises stops the run (CallbackError)."""
 
-    def __init__(self, trainer: Trainer, callbacks: Sequence[Any]) -> None:
+    def __init__(self, trainer: Run, callbacks: Sequence[Any]) -> None:
         self.trainer, self.callbacks = trainer, list(callbacks)
 
     def __call__(self, hook: str, *args: Any) -> None:
@@ -142,7 +156,7 @@ class EpochFunction(Callback):
         self.function = function
         self.name = f"on_epoch={getattr(function, '__qualname__', repr(function))}"
 
-    def on_epoch_end(self, trainer: Trainer, record: dict[str, float], model: nn.Module) -> None:
+    def on_epoch_end(self, trainer: Run, record: dict[str, float], model: nn.Module) -> None:
         self.function(record)
 
 
@@ -155,13 +169,13 @@ class JSONLWriter(Callback):
     def __init__(self, path: str | os.PathLike | None = None) -> None:
         self.path = Path(path) if path is not None else None
 
-    def on_run_start(self, trainer: Trainer) -> None:
+    def on_run_start(self, trainer: Run) -> None:
         if self.path is None and trainer.out_dir is None:
             raise ValueError("JSONLWriter() writes the run folder's metrics.jsonl: give the Trainer an out_dir, or JSONLWriter(path)")
         self.path = self.path or trainer.out_dir / METRICS
         trim(self.path, trainer.step)
 
-    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+    def on_log(self, trainer: Run, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -202,7 +216,7 @@ class TensorBoard(Callback):
         self.writer = None
         self._images: Callable[..., torch.Tensor] | None = None
 
-    def on_run_start(self, trainer: Trainer) -> None:
+    def on_run_start(self, trainer: Run) -> None:
         log_dir = self.log_dir or trainer.out_dir
         if log_dir is None:
             raise ValueError("the TensorBoard logger writes into the run folder: give the Trainer an out_dir (or TensorBoard(log_dir=...))")
@@ -210,7 +224,7 @@ class TensorBoard(Callback):
         self._images = image_layout(trainer)  # None: the samples are not images
         self._hparams(trainer)
 
-    def _hparams(self, trainer: Trainer) -> None:
+    def _hparams(self, trainer: Run) -> None:
         from torch.utils.tensorboard.summary import hparams
 
         values = hyperparameters(trainer)
@@ -218,13 +232,13 @@ class TensorBoard(Callback):
             self.writer.file_writer.add_summary(summary)
         self.writer.add_text("config", "```\n" + json.dumps(values, indent=2) + "\n```", trainer.step)
 
-    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+    def on_log(self, trainer: Run, record: dict[str, Any]) -> None:
         prefix = "epoch" if record.get("event") == "epoch" else "train"
         for key, value in record.items():
             if key not in ("step", "epoch", "event") and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
 
-    def on_epoch_end(self, trainer: Trainer, record: dict[str, float], model: nn.Module) -> None:
+    def on_epoch_end(self, trainer: Run, record: dict[str, float], model: nn.Module) -> None:
         if self._images is None:
             return
         try:
@@ -251,13 +265,13 @@ class TensorBoard(Callback):
         image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=buffer.getvalue())
         self.writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
-    def on_run_end(self, trainer: Trainer, status: str) -> None:
+    def on_run_end(self, trainer: Run, status: str) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
 
 
-def hyperparameters(trainer: Trainer) -> dict[str, Any]:
+def hyperparameters(trainer: Run) -> dict[str, Any]:
     """TrainConfig and the model's config() in TensorBoard's types (numbers, strings, bools)."""
     train = {k: v for k, v in asdict(trainer.config).items() if k not in ("progress", "extra")}
     model = getattr(trainer.model, "config", dict)()
@@ -266,7 +280,7 @@ def hyperparameters(trainer: Trainer) -> dict[str, Any]:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()}
 
 
-def image_layout(trainer: Trainer) -> Callable[..., torch.Tensor] | None:
+def image_layout(trainer: Run) -> Callable[..., torch.Tensor] | None:
     """A function (rows (N, D) uint8, columns) -> (C, H', W') uint8 picture of the rows as a grid, for the
     model's sample shape: (C, H, W) or (H, W, C) with C 1 or 3, (H, W), or a square D; None otherwise."""
     model = trainer.model
@@ -293,7 +307,7 @@ def image_layout(trainer: Trainer) -> Callable[..., torch.Tensor] | None:
     return picture
 
 
-def first_inputs(trainer: Trainer, n: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def first_inputs(trainer: Run, n: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """The first n training inputs (N, D) and their labels (or None), on the device, for pictures;
     None where the Trainer holds no data tensor."""
     data = getattr(trainer, "data", None)
@@ -303,7 +317,7 @@ def first_inputs(trainer: Trainer, n: int) -> tuple[torch.Tensor, torch.Tensor |
 
 
 @torch.no_grad()
-def epoch_pictures(trainer: Trainer, model: nn.Module, n: int) -> dict[str, tuple[torch.Tensor, int | None]]:
+def epoch_pictures(trainer: Run, model: nn.Module, n: int) -> dict[str, tuple[torch.Tensor, int | None]]:
     """{"reconstructions": (originals above reconstructions as uint8 rows, 8 columns), "samples": (2n prior
     samples as uint8 rows, columns)}, made in eval mode (batch-norm statistics untouched), the mode restored."""
     was_training = model.training
@@ -344,7 +358,7 @@ class Pictures(Callback):
         self.caption = caption or (lambda history: f"epoch {history[-1]['epoch']}, loss {history[-1]['loss']:.2f} per sample" if history else "untrained")
         self.ylabel = ylabel
 
-    def on_run_end(self, trainer: Trainer, status: str) -> None:
+    def on_run_end(self, trainer: Run, status: str) -> None:
         if status != "finished" or trainer.out_dir is None or self.image_shape is None:
             return
         from .apps import latent_map
@@ -365,7 +379,7 @@ class Pictures(Callback):
 LOGGERS = ("jsonl", "tensorboard")
 
 
-def standard(trainer: Trainer) -> list[Callback]:
+def standard(trainer: Run) -> list[Callback]:
     """The writers a Trainer with an out_dir gets from its config: metrics.jsonl always, TensorBoard with logger="tensorboard"."""
     if trainer.out_dir is None:
         return []

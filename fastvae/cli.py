@@ -252,7 +252,7 @@ def _run(args: argparse.Namespace) -> int:
               logger=args.logger)
         return 0
     if args.command == "export":
-        from .pretrained import export
+        from .runner import export
 
         print(f"wrote {export(args.checkpoint, args.out)} (model.safetensors, config.json, README.md)")
         return 0

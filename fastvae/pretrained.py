@@ -9,12 +9,13 @@ it is called on with whatever config.json holds, where fastvae must pick the kin
 ``backend`` (a runtime choice) out of the file, and write atomically.
 
 - fastvae's models: ``model.save_pretrained(dir)``, ``fastvae.VAE.from_pretrained(dir)`` (or any
-  variant's class), ``fastvae.models.from_pretrained(dir)`` (whatever kind the folder holds).
+  variant's class), ``fastvae.models.from_pretrained(dir)`` (whatever kind the folder holds; the
+  kinds are fastvae.models' registry, so that module builds them from what this one reads).
 - A user's own module (trained with ``fastvae.fit`` or not): ``fastvae.save_pretrained(module, dir)``
   writes its state_dict and its class's import path; fastvae cannot rebuild a class it does not
   know (its constructor arguments are the user's), so ``fastvae.load_pretrained(dir, MyVAE(...))``
   fills a module the user built, after checking it is of the saved class and shapes.
-- ``fastvae export RUN DIR`` (``export``): a run's checkpoint.pt as such a folder. The checkpoint
+- ``fastvae export RUN DIR`` (``fastvae.runner.export``): a run's checkpoint.pt as such a folder. The checkpoint
   (weights, optimizer, RNG, position) stays the format training resumes from.
 
 Writes are atomic: the files are written and fsynced in a temporary folder beside the target,
@@ -46,15 +47,12 @@ def _safetensors():
 
 
 def config_of(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
-    """config.json's content: {"model": kind, **constructor arguments}; a user's module: its class and input shape."""
-    from .dropin.engine import DropinModel
-    from .models.base import LatentModel
-
-    if isinstance(model, LatentModel) and not isinstance(model, DropinModel):
-        return {"model": getattr(model, "name", "vae"), **model.config()}
-    if isinstance(model, DropinModel):
-        return model.config()
+    """config.json's content: {"model": kind, **constructor arguments} for a model of fastvae's own classes
+    (fastvae.VAE, fastvae.models, fit's adapter); for any other module (a user's class, a subclass of
+    fastvae.VAE included) its class path and `input_shape`."""
     cls = type(model)
+    if cls.__module__.split(".")[0] == "fastvae" and callable(getattr(model, "config", None)):
+        return {"model": getattr(model, "name", "vae"), **model.config()}
     return {"model": USER, "module": f"{cls.__module__}.{cls.__qualname__}",
             "input_shape": list(input_shape) if input_shape is not None else None}
 
@@ -169,7 +167,7 @@ def read(path: str | os.PathLike, map_location: str | torch.device = "cpu", **hu
     return config, st.load_file(str(folder / WEIGHTS), device=str(map_location))
 
 
-def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Strict load_state_dict with an error that names the tensors whose presence or shape differs."""
     mine = model.state_dict()
     missing, unexpected = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
@@ -181,32 +179,6 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) 
     if len(dtypes) == 1:
         model.to(dtypes.pop())  # float64 weights stay float64
     model.load_state_dict(state)
-
-
-def from_pretrained(path: str | os.PathLike, cls: type | None = None, *, backend: str | None = None,
-                    map_location: str | torch.device = "cpu", **hub: Any) -> nn.Module:
-    """Rebuild a fastvae model from a folder (or Hub repo id), in eval mode on `map_location`.
-    cls: the class expected (None: whatever kind the folder holds); another kind is refused."""
-    from . import models
-    from .models.base import LatentModel
-
-    config, state = read(path, map_location, **hub)
-    kind = config["model"]
-    if kind == USER:
-        raise ValueError(f"{str(path)!r} holds a user's own module ({config.get('module')}), which fastvae cannot rebuild (its constructor "
-                         "is yours): build it and fill it with fastvae.load_pretrained(path, MyVAE(...))")
-    if kind not in models.MODELS:
-        raise ValueError(f"{str(path)!r} holds a model of kind {kind!r}, which this fastvae does not know (one of {models.MODELS})")
-    wanted = models.get(kind)
-    if cls is not None and cls is not LatentModel and not issubclass(wanted, cls):
-        raise ValueError(f"{str(path)!r} holds a {kind} model ({wanted.__module__}.{wanted.__qualname__}), not a {cls.__qualname__}; "
-                         f"load it with {wanted.__qualname__}.from_pretrained(path) or fastvae.models.from_pretrained(path)")
-    try:
-        model = models.from_config(config, backend=backend)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{str(path)!r}: config.json does not describe a valid {kind} model ({exc})") from None
-    _load_weights(model, state, str(path))
-    return model.to(map_location).eval()
 
 
 def load_pretrained(path: str | os.PathLike, model: nn.Module, *, map_location: str | torch.device | None = None, **hub: Any) -> nn.Module:
@@ -228,24 +200,8 @@ def load_pretrained(path: str | os.PathLike, model: nn.Module, *, map_location: 
         if diffs:
             raise ValueError(f"{str(path)!r} holds a model of another configuration ({'; '.join(diffs)}); build the model with the saved "
                              "settings, or let fastvae.models.from_pretrained(path) build it")
-    _load_weights(model, state, str(path))
+    load_weights(model, state, str(path))
     return model
-
-
-def export(run: str | os.PathLike, directory: str | os.PathLike) -> Path:
-    """A run's checkpoint (its folder or checkpoint.pt) as a save_pretrained folder; returns the folder."""
-    from . import checkpoint, models
-
-    state = checkpoint.load(run)
-    config = {"model": state["config"].get("model", "vae"), **state["config"]}
-    if config["model"] != USER:  # rebuild to check the weights fit their config before anything is written
-        model = models.from_config(config)
-        _load_weights(model, state["model"], str(run))
-    history = state.get("history") or []
-    dataset = (state.get("train") or {}).get("extra", {}).get("dataset")
-    trained = (f"Trained {len(history)} epochs{' on ' + dataset if dataset else ''} with fastvae; last epoch's loss "
-               f"{history[-1]['loss']:.2f} per sample.\n\n") if history else ""
-    return write(directory, config, state["model"], card=model_card(config, trained))
 
 
 def push_to_hub(model: nn.Module, repo_id: str, *, private: bool | None = None, token: str | None = None,

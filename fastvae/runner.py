@@ -174,3 +174,21 @@ def _interrupted(trainer: Trainer, out_dir: Path, existed: bool) -> TrainingInte
     if not existed and out_dir.is_dir() and not any(out_dir.iterdir()):
         out_dir.rmdir()
     return TrainingInterrupted(out_dir, trainer.epoch, trainer.step, saved, saved_epoch)
+
+
+def export(run: str | os.PathLike, directory: str | os.PathLike) -> Path:
+    """``fastvae export``: a run's checkpoint (its folder or checkpoint.pt) as a save_pretrained folder
+    (model.safetensors, config.json, README.md; see fastvae.pretrained); returns the folder. The weights
+    of a fastvae model are loaded into it first, so a checkpoint that does not fit its config is refused
+    before anything is written."""
+    from . import pretrained
+
+    state = checkpoint.load(run)
+    config = {"model": state["config"].get("model", "vae"), **state["config"]}
+    if config["model"] != pretrained.USER:
+        pretrained.load_weights(models.from_config(config), state["model"], str(run))
+    history = state.get("history") or []
+    dataset = (state.get("train") or {}).get("extra", {}).get("dataset")
+    trained = (f"Trained {len(history)} epochs{' on ' + dataset if dataset else ''} with fastvae; last epoch's loss "
+               f"{history[-1]['loss']:.2f} per sample.\n\n") if history else ""
+    return pretrained.write(directory, config, state["model"], card=pretrained.model_card(config, trained))

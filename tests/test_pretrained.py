@@ -166,6 +166,13 @@ def test_export_of_a_run_and_of_a_users_module_trained_with_fit(tmp_path, real_d
     assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), filled.state_dict().values()))
     with pytest.raises(ValueError, match="holds the weights of user_vaes.ExamplesMLP, not of user_vaes.ChunkMLP"):
         fastvae.load_pretrained(tmp_path / "fit-exported", CASES[1].model())
+    # A subclass of a fastvae model is the user's class too: fastvae would rebuild the parent, not it.
+    class Mine(fastvae.VAE):
+        pass
+
+    fastvae.save_pretrained(Mine(**SMALL["vae"]), tmp_path / "sub")
+    assert json.loads((tmp_path / "sub" / "config.json").read_text())["module"].endswith("Mine")
+    assert type(fastvae.load_pretrained(tmp_path / "sub", Mine(**SMALL["vae"]))) is Mine
     # ... and straight from the module, accelerated or not (the hooks leave the state_dict alone).
     fastvae.save_pretrained(fastvae.accelerate(mine), tmp_path / "mine", input_shape=(1, 28, 28))
     again = fastvae.load_pretrained(tmp_path / "mine", case.model())

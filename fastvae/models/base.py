@@ -60,9 +60,9 @@ class LatentModel(nn.Module):
                         **hub: Any) -> "LatentModel":
         """The model a save_pretrained folder (or Hub repo id "user/name") holds, in eval mode; a folder
         holding another kind of model is refused (fastvae.models.from_pretrained takes any kind)."""
-        from ..pretrained import from_pretrained
+        from . import from_pretrained  # the registry of kinds
 
-        return from_pretrained(path, cls, backend=backend, map_location=map_location, **hub)
+        return from_pretrained(path, None if cls is LatentModel else cls, backend=backend, map_location=map_location, **hub)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
         """save_pretrained, then upload the folder to the Hugging Face Hub repo `repo_id` (huggingface_hub)."""
