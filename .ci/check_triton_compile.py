@@ -13,11 +13,12 @@ by the Box-Muller angle 2 pi u < 6.3, keeps a local array that ptxas counts as s
 few variants: reported apart), when a kernel with value checks has other than one atomic (the flag OR,
 once per program), or when the reparam kernels call Philox more than once per 4 outputs.
 
-    env -u TRITON_INTERPRET python .ci/check_triton_compile.py [--quick] [--jobs N] [--markdown]
+    env -u TRITON_INTERPRET python .ci/check_triton_compile.py [--quick] [--jobs N] [--markdown] [--doc docs/gpu.md]
 
 --quick (CI) compiles the shapes the reference run and the benchmarks use, in float32 and
 bfloat16, each variant the training step launches; the full set (a few minutes per core) is
-what the compile table of docs/gpu.md reports (--markdown prints it, for its triton-compile block).
+what the compile table of docs/gpu.md reports: --markdown prints it, --doc writes it into a file's
+triton-compile block (a full run that passed only).
 """
 from __future__ import annotations
 
@@ -112,7 +113,7 @@ def _decode(M: int, K: int, hidden: tuple[int, ...], N: int, dt: torch.dtype, ou
             decode.decode_mlp(layers, None, meta(dtype=torch.int64), 0, out)
             if not training_only:
                 decode.decode_mlp(layers, meta(M, K, dtype=dt), 7, 0, out)
-    if not training_only:
+    if not training_only and out_dt == torch.uint8:  # the image tail writes uint8 only
         decode.to_image(meta(M, N, dtype=dt), out, True)
 
 
@@ -146,17 +147,6 @@ def workload(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
             for M, K, hidden, N, training in dec:
                 yield f"decode {M}x{K}x{'x'.join(map(str, hidden))}x{N} {name}->{out_name}", \
                     lambda M=M, K=K, hidden=hidden, N=N, dt=dt, out_dt=out_dt, t=training: _decode(M, K, hidden, N, dt, out_dt, t)
-
-
-@contextlib.contextmanager
-def recording() -> Iterator[list]:
-    """Launches recorded instead of run: (kernel, grid, args, kwargs)."""
-    calls: list = []
-    _common._recorder = calls
-    try:
-        yield calls
-    finally:
-        _common._recorder = None
 
 
 @dataclass
@@ -195,7 +185,7 @@ def jobs(quick: bool) -> list[Job]:
     unique: dict[tuple, Job] = {}
     archs = ARCHS
     for label, call in workload(quick):
-        with recording() as calls:
+        with _common.recording() as calls:
             call()
         for kernel, grid, args, kwargs in calls:
             for arch in archs:
@@ -278,7 +268,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="CI subset: the reference and benchmark shapes, fp32/bf16, training variants")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--markdown", action="store_true", help="also print the summary table of docs/gpu.md (its triton-compile block)")
+    parser.add_argument("--doc", default=None, help="rewrite this file's triton-compile block with the summary table (e.g. docs/gpu.md; "
+                                                    "full set only, and only when everything passed)")
     opts = parser.parse_args()
+    if opts.doc and opts.quick:
+        parser.error("--doc writes the full set's table: run it without --quick")
     started = time.perf_counter()
     todo = jobs(opts.quick)
     print(f"triton {triton.__version__}: {len(todo)} distinct kernel compilations ({'quick' if opts.quick else 'full'} set)", flush=True)
@@ -311,6 +305,15 @@ def main() -> None:
     print(f"compiled {len(todo)} in {time.perf_counter() - started:.0f} s")
     if failures:
         sys.exit("FAILED:\n  " + "\n  ".join(failures))
+    if opts.doc:
+        from benchmarks.report import rewrite_block
+
+        if not rewrite_block(opts.doc, markdown(todo, results) + "\n", MARKERS):
+            sys.exit(f"{opts.doc} has no {MARKERS[0]} ... {MARKERS[1]} block")
+        print(f"rewrote the compile table in {opts.doc}")
+
+
+MARKERS = ("<!-- triton-compile:start -->", "<!-- triton-compile:end -->")  # the table's place in docs/gpu.md
 
 
 def markdown(todo: list[Job], results: list[dict]) -> str:

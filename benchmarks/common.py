@@ -105,6 +105,21 @@ def is_fastvae(impl: str) -> bool:
     return split_impl(impl)[0] in BACKENDS
 
 
+def case_record(op: str, backward: bool, shape: tuple[int, ...], dtype: torch.dtype, impl: str, dev: torch.device,
+                x_dtype: torch.dtype | None = None) -> dict:
+    """The fields that name one timed case in a results file (the suite's test_ops and the GPU check's
+    bandwidth step write the same ones)."""
+    rec = {"name": f"{op}.{'fwd_bwd' if backward else 'fwd'}", "op": op, "pass": "fwd_bwd" if backward else "fwd", "backend": impl,
+           "shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "device": dev.type}
+    if x_dtype is not None:
+        rec["x_dtype"] = str(x_dtype).removeprefix("torch.")
+    if is_fastvae(impl):
+        rec["value_checks"] = split_impl(impl)[1]
+    if impl == "compile":
+        rec["compiled"] = "eager-best"
+    return rec
+
+
 def bytes_moved(op: str, shape: tuple[int, ...], dtype: torch.dtype, backward: bool, x_dtype: torch.dtype | None = None) -> int:
     """The bytes an ideal implementation must read and write (GB/s = this / time).
 

@@ -3,6 +3,9 @@ user's own code, forward + backward, both interleaved, min of N runs (python -m 
 
 - sampling: the user's ``mu + randn_like(std) * std`` against ``reparameterize`` (what the drop-in
   runs instead, the user's calls skipped);
+- sampling + KL: a latent-diffusion posterior's ``mean + std * randn`` and its ``kl()`` (0.5 * sum of
+  mean^2 + var - 1 - logvar per row; std and var computed up front, as the posterior does) against
+  ``reparameterize_kl`` (the drop-in answers ``posterior.kl()`` from the sampling pass);
 - loss from logits: ``F.binary_cross_entropy_with_logits(..., reduction="sum")`` against fastvae's
   fused loss with no latent term (the drop-in's ``fused_bce``).
 """
@@ -16,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from fastvae.dropin.output import fused_bce
-from fastvae.ops.reparam import reparameterize
+from fastvae.ops.reparam import reparameterize, reparameterize_kl
 
 SAMPLING = [(16, 8), (128, 20), (256, 32), (512, 32), (1024, 20), (4096, 128), (65536, 16)]
+SAMPLING_KL = [(8, 1024), (8, 2048), (8, 4096), (16, 4096), (8, 16384)]  # batch x (C * H * W) of the latents
 LOSS = [(16, 784), (32, 784), (64, 784), (96, 784), (128, 784), (4096, 784), (128, 12288)]
 
 
@@ -44,6 +48,22 @@ def sampling(B: int, L: int, runs: int) -> tuple[float, float]:
     return tuple(_min_us([user, fused], runs))
 
 
+def sampling_kl(B: int, L: int, runs: int) -> tuple[float, float]:
+    mu, logvar = torch.randn(B, L, requires_grad=True), torch.randn(B, L, requires_grad=True)
+
+    def user() -> None:
+        std, var = torch.exp(0.5 * logvar), torch.exp(logvar)
+        z = mu + std * torch.randn(mu.shape)
+        kl = 0.5 * torch.sum(torch.pow(mu, 2) + var - 1.0 - logvar, dim=1)
+        (z.sum() + kl.sum()).backward()
+
+    def fused() -> None:
+        torch.exp(0.5 * logvar), torch.exp(logvar)  # the posterior still computes std and var up front
+        z, kl = reparameterize_kl(mu, logvar)
+        (z.sum() + kl.sum()).backward()
+    return tuple(_min_us([user, fused], runs))
+
+
 def loss(B: int, D: int, runs: int) -> tuple[float, float]:
     logits, x = torch.randn(B, D, requires_grad=True), torch.rand(B, D)
 
@@ -59,7 +79,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=200)
     args = parser.parse_args()
-    for name, fn, sizes in (("sampling", sampling, SAMPLING), ("loss from logits", loss, LOSS)):
+    for name, fn, sizes in (("sampling", sampling, SAMPLING), ("sampling + KL", sampling_kl, SAMPLING_KL),
+                            ("loss from logits", loss, LOSS)):
         print(f"{name}: user vs fused, us (forward + backward)")
         for a, b in sizes:
             runs = max(10, args.runs * 100_000 // max(100_000, a * b))

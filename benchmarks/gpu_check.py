@@ -8,13 +8,14 @@ where ``fastvae.kernels`` is not importable it runs ``pip install --no-deps --no
 -e .`` without building anything), and runs these steps in order, most valuable first, each in its
 own child process with its own time limit inside the whole budget:
 
-1. environment: GPU, driver, versions, tools, copy bandwidth (1 GiB copy_), which backends load;
+1. environment: GPU, driver, versions, tools, which backends load;
 2. correctness (FASTVAE_STRICT=1, FASTVAE_TEST_GPU=1): the GPU tests, the GPU cases of the op
    tests, the graph-captured vs eager loss curve, compute-sanitizer memcheck of the CUDA ops;
 3. graph-engine: kernels (torch.profiler) and host syncs (set_sync_debug_mode) per captured
    training step, new eps on every replay of a captured reparameterize;
-4. bandwidth: fused loss and reparam+KL at sizes that fill the GPU, CUDA events, as a fraction of
-   the copy bandwidth, beside eager-best, eager-seed and torch.compile;
+4. bandwidth: the copy bandwidth (1 GiB copy_, measured here, with nothing in the background), then
+   fused loss and reparam+KL at sizes that fill the GPU, CUDA events, as a fraction of it, beside
+   eager-best, eager-seed and torch.compile;
 5. reference-run: 10 epochs, batch 128, 60,000 images, four ways;
 6. suite: the rest of the benchmark suite while time remains.
 
@@ -51,10 +52,10 @@ DEFAULT_BUDGET_S = 360  # of a lent machine's ~15 minutes: start-up (minutes) an
 RESERVE_S = 4  # kept back from every step for writing the outputs
 # name -> (time limit in s (None: whatever the budget has left), what it does); foreground steps in order
 STEPS = {
-    "environment": (45, "GPU, driver, versions, tools, copy bandwidth, backends that load"),
+    "environment": (45, "GPU, driver, versions, tools, backends that load"),
     "correctness": (200, "GPU tests (strict), graph vs eager loss curve, memcheck, GPU cases of the other tests"),
     "graph-engine": (60, "kernels and host syncs per captured training step, new eps per replay"),
-    "bandwidth": (90, "fused loss and reparam+KL vs eager-best, eager-seed, torch.compile; fraction of copy bandwidth"),
+    "bandwidth": (90, "copy bandwidth; fused loss and reparam+KL vs eager-best, eager-seed, torch.compile, as a fraction of it"),
     "reference-run": (150, "10 epochs, batch 128, 60,000 images: fastvae, eager on device, compile reduce-overhead, seed loop"),
     "suite": (None, "the rest of the benchmark suite while time remains"),
 }
@@ -91,6 +92,8 @@ class State:
     results_file: Path | None = None
     argv: list = field(default_factory=list)
     selected: set = field(default_factory=set)
+    meta: dict = field(default_factory=dict)  # the results file's head (versions, command, commit, date), made once
+    earlier: dict | None = None  # what an earlier run of the day left in results_file, read once before this run writes it
 
 
 # ---- running the steps ------------------------------------------------------------------------
@@ -163,6 +166,8 @@ def finish(state: State, job: Job) -> dict:
 
 def collect(state: State, name: str, code: int | str, seconds: float, limit: float) -> dict:
     """The step entry from a child's JSON lines: status, checks, details, records, skips."""
+    from .gpu_steps import read_lines
+
     e = entry(name, "passed", seconds, limit)
     lines = read_lines(state.work / f"{name}.jsonl")
     for line in lines:
@@ -185,17 +190,6 @@ def collect(state: State, name: str, code: int | str, seconds: float, limit: flo
     elif failed and e["status"] == "passed":
         e["status"], e["reason"] = "failed", "failed: " + "; ".join(failed)
     return e
-
-
-def read_lines(path: Path) -> list[dict]:
-    """A step's JSON lines; a line cut off by a kill is dropped."""
-    out = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
 
 
 def entry(name: str, status: str, seconds: float, limit: float, reason: str = "") -> dict:
@@ -298,12 +292,8 @@ def goals(doc: dict) -> list[dict]:
 
 
 def document(state: State) -> dict:
-    from . import run
-
-    import torch
-
-    dev = torch.device("cpu")
-    doc = run.meta(dev, ["-m", "benchmarks.gpu_check", *state.argv])
+    """This run's results document as it stands (its goals are judged by `write`, after merging)."""
+    doc = dict(state.meta)
     doc["device"], doc["device_name"] = state.device, state.device_name or doc["device_name"]
     env = state.steps.get("environment", {}).get("details", {})
     if "versions" in env:
@@ -315,30 +305,41 @@ def document(state: State) -> dict:
     for name in ORDER:
         e = state.steps.get(name) or (entry(name, "running", time.time() - state.jobs[name].started, state.jobs[name].limit) if name in state.jobs else
                                       entry(name, "not-run", 0, 0, "not selected (--steps)" if name in STEPS and name not in state.selected else "not reached"))
-        steps.append({k: v for k, v in e.items() if k not in ("records", "skipped")} | {"records": len(e["records"])})
+        ran = {"ran": doc["date"]} if e["status"] not in ("not-run", "running") else {}
+        steps.append({k: v for k, v in e.items() if k not in ("records", "skipped")} | {"records": len(e["records"])} | ran)
     doc["gpu_check"] = {"budget_s": state.args.budget_s, "dry_run": state.args.dry_run, "elapsed_s": round(time.time() - state.started, 1),
-                        "copy_gbps": env.get("copy_gbps"), "steps": steps}
-    doc["gpu_check"]["goals"] = goals(doc)
+                        "steps": steps}
     return doc
 
 
-def merge_earlier(doc: dict, path: Path, ran: set[str]) -> dict:
-    """Keep what an earlier run of today wrote into `path` for the steps this run did not run."""
-    if not path.exists():
-        return doc
+def read_earlier(path: Path) -> dict | None:
+    """The GPU check's results an earlier run of the day wrote into `path`, or None."""
     try:
         old = json.loads(path.read_text())
-    except ValueError:
-        return doc
-    if old.get("device_name") != doc["device_name"] or "gpu_check" not in old:
+    except (OSError, ValueError):
+        return None
+    return old if "gpu_check" in old else None
+
+
+def merge_earlier(doc: dict, old: dict | None, ran: set[str]) -> dict:
+    """Keep what an earlier run (`old`, see read_earlier) measured in the steps this run did not run;
+    each kept step says the date of the run that ran it."""
+    if old is None or old.get("device_name") != doc["device_name"]:
         return doc
     keep = {s["name"]: s for s in old["gpu_check"]["steps"] if s["name"] not in ran and s["status"] != "not-run"}
     doc = {**doc, "gpu_check": dict(doc["gpu_check"])}
     doc["results"] = [r for r in old["results"] if r.get("step") in keep] + doc["results"]
     doc["skipped"] = [s for s in old.get("skipped", []) if s.get("step") in keep] + doc["skipped"]
-    doc["gpu_check"]["steps"] = [keep.get(s["name"], s) | ({"reason": f"from the run of {old['date']}"} if s["name"] in keep else {})
+    doc["gpu_check"]["steps"] = [keep[s["name"]] | {"reason": f"from the run of {keep[s['name']].get('ran', old['date'])}"} if s["name"] in keep else s
                                  for s in doc["gpu_check"]["steps"]]
     doc["command"] = " && ".join(dict.fromkeys([*old["command"].split(" && "), doc["command"]]))
+    return doc
+
+
+def judge(doc: dict) -> dict:
+    """The document with its copy bandwidth (the bandwidth step's) and its goals filled in."""
+    bandwidth = next((s for s in doc["gpu_check"]["steps"] if s["name"] == "bandwidth"), {})
+    doc["gpu_check"]["copy_gbps"] = bandwidth.get("details", {}).get("copy_gbps")
     doc["gpu_check"]["goals"] = goals(doc)
     return doc
 
@@ -376,10 +377,9 @@ def summary(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(state: State) -> None:
-    """Results JSON, summary markdown, and (with --out) copies of both and the log."""
-    doc = document(state)
-    doc = merge_earlier(doc, state.results_file, {n for n, e in state.steps.items() if e["status"] != "not-run"})
+def write(state: State) -> dict:
+    """Results JSON, summary markdown, and (with --out) copies of both and the log; returns the document."""
+    doc = judge(merge_earlier(document(state), state.earlier, {n for n, e in state.steps.items() if e["status"] != "not-run"}))
     state.results_file.parent.mkdir(parents=True, exist_ok=True)
     text, md = json.dumps(doc, indent=1, default=str) + "\n", summary(doc)
     state.results_file.write_text(text)
@@ -391,6 +391,7 @@ def write(state: State) -> None:
         (out / state.results_file.with_suffix(".md").name).write_text(md)
         logs = [f"===== {p.stem} =====\n{_tail(p, 200_000)}\n" for p in sorted(state.work.glob("*.log"))]
         (out / "gpu_check.log").write_text("".join(logs))
+    return doc
 
 
 # ---- main -------------------------------------------------------------------------------------
@@ -442,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     slug = run.slug(torch.device("cuda")) if cuda else "dry-run-cpu"
     folder = Path(tempfile.mkdtemp(prefix="fastvae-gpu-check-out-")) if args.dry_run else Path(args.results_dir)
     state.results_file = folder / f"{slug}-{dt.date.today().isoformat()}.json"
+    state.earlier = read_earlier(state.results_file)
+    state.meta = run.meta(torch.device("cpu"), ["-m", "benchmarks.gpu_check", *argv])
     signal.signal(signal.SIGTERM, _interrupted)
     setup = {"data_dir": args.data_dir or f"not found in {looked}: fastvae.data's standard places", **ensure_kernels_importable(state)}
     print(f"[gpu_check] {state.device_name}; budget {args.budget_s:.0f} s; data {setup['data_dir']}; work {work}", flush=True)
@@ -471,8 +474,7 @@ def main(argv: list[str] | None = None) -> int:
                 "status": "error", "reason": "gpu_check was interrupted"}
         write(state)
         raise
-    write(state)
-    doc = json.loads(state.results_file.read_text())
+    doc = write(state)
     print(summary(doc).split("## Bandwidth")[0].split("## Reference run")[0], flush=True)
     print(f"[gpu_check] wrote {state.results_file} and {state.results_file.with_suffix('.md')}" + (f" (copies in {args.out})" if args.out else ""))
     bad = [s["name"] for s in doc["gpu_check"]["steps"] if s["status"] in ("failed", "error", "timeout")]

@@ -37,6 +37,9 @@ from typing import Any, Callable
 
 import torch
 
+from .common import sync
+from .reference_run import load_images
+
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_BUDGET = 80  # kernels per captured training step (the backend contract aims at ~65)
 
@@ -77,9 +80,15 @@ class Ctx:
         return self.deadline - time.time()
 
 
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+def read_lines(path: Path) -> list[dict]:
+    """A step's JSON lines (what `Ctx.emit` wrote); a line cut off by a kill is dropped."""
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
 
 
 def time_calls(fn: Callable[[], object], dev: torch.device, reps: int) -> dict:
@@ -120,13 +129,6 @@ def copy_gbps(dev: torch.device, nbytes: int) -> float:
 
 def _backends_module():
     return importlib.import_module("fastvae.backends")  # fastvae.backends the attribute is the report function
-
-
-def _images(ctx: Ctx, n: int | None = None) -> torch.Tensor:
-    import fastvae
-
-    images = fastvae.data.load("fashion-mnist", "train", root=ctx.data_dir).images
-    return images[:n] if n else images
 
 
 def _tool(name: str) -> str | None:
@@ -171,12 +173,8 @@ def environment(ctx: Ctx) -> None:
     nvcc = _tool("nvcc")
     nvcc_version = (_run_text([nvcc, "--version"]) or "").splitlines()[-1:] if nvcc else None
     ctx.detail("tools", {"nvcc": nvcc, "nvcc_version": nvcc_version, "compute-sanitizer": _tool("compute-sanitizer")})
-    nbytes = (1 << 30) if ctx.cuda else (64 << 20)
-    gbps = copy_gbps(ctx.dev, nbytes)
-    ctx.detail("copy_gbps", gbps)
-    ctx.check(f"copy bandwidth ({nbytes >> 20} MiB copy_)", True, f"{gbps:.0f} GB/s")
     try:
-        images = _images(ctx)
+        images = load_images(None, ctx.data_dir)
         ctx.check("Fashion-MNIST training images", True, f"{len(images)} from {ctx.data_dir or 'a standard place'}")
     except FileNotFoundError as exc:
         ctx.check("Fashion-MNIST training images", False, note=str(exc)[:1000])
@@ -210,8 +208,6 @@ def extension_build(ctx: Ctx) -> None:
 
 def wait_for_build(ctx: Ctx) -> str | None:
     """None once the background extension build has succeeded; else why the C++/CUDA backends are out."""
-    from .gpu_check import read_lines
-
     while ctx.left() > 0:
         lines = read_lines(ctx.work / "extension-build.jsonl")
         result = next((line["value"] for line in lines if line["t"] == "detail" and line["key"] == "result"), None)
@@ -329,7 +325,7 @@ def _train(ctx: Ctx, images: torch.Tensor, graph: bool, epochs: int, log_every: 
 
 def loss_curve(ctx: Ctx) -> None:
     """The same training eagerly and as graph replays: per-window and per-epoch losses agree."""
-    images = _images(ctx, 20000)
+    images = load_images(20000, ctx.data_dir)
     (h_graph, w_graph, trainer), (h_eager, w_eager, _) = (_train(ctx, images, g, 3, 20) for g in (True, False))
     captured = getattr(getattr(trainer, "_graph", None), "graph", None) is not None
     window_diff = max(abs(a - b) / abs(b) for a, b in zip(w_graph, w_eager))
@@ -477,7 +473,7 @@ def graph_engine(ctx: Ctx) -> None:
     if not ctx.cuda:
         ctx.status("skipped", "needs CUDA (graph capture)")
         return
-    images = _images(ctx, 128 * 8)
+    images = load_images(128 * 8, ctx.data_dir)
     cfg = fastvae.TrainConfig(epochs=2, batch_size=128, progress=False, seed=0, log_every=10**9)
     trainer = fastvae.Trainer(fastvae.VAE(), images, cfg, device=ctx.dev)
     with warnings.catch_warnings(record=True) as caught, _debug_graphs():
@@ -585,8 +581,10 @@ def bandwidth(ctx: Ctx) -> None:
     torch.compile, at sizes that fill the GPU, as a fraction of the copy bandwidth."""
     from . import common
 
-    copy = copy_gbps(ctx.dev, (1 << 30) if ctx.cuda else (64 << 20))
+    nbytes = (1 << 30) if ctx.cuda else (64 << 20)
+    copy = copy_gbps(ctx.dev, nbytes)  # measured here, where no background build competes for memory bandwidth
     ctx.detail("copy_gbps", copy)
+    ctx.check(f"copy bandwidth ({nbytes >> 20} MiB copy_)", True, f"{copy:.0f} GB/s")
     fused = ["triton", "cuda", "cpp"]  # what cannot run here is skipped with its reason
     rounds = [fused + [b + common.NOCHECKS for b in fused] + ["eager-best", "eager-seed"], ["compile"]]  # compile last: it compiles first
     for impls in rounds:
@@ -595,10 +593,7 @@ def bandwidth(ctx: Ctx) -> None:
             for impl in impls:
                 if impl == "eager-seed" and op != "loss":
                     continue
-                rec = {"name": f"{op}.{'fwd_bwd' if backward else 'fwd'}", "op": op, "pass": "fwd_bwd" if backward else "fwd", "backend": impl,
-                       "shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "device": ctx.dev.type}
-                if x_dtype is not None:
-                    rec["x_dtype"] = str(x_dtype).removeprefix("torch.")
+                rec = common.case_record(op, backward, shape, dtype, impl, ctx.dev, x_dtype)
                 if impl == "compile" and not ctx.cuda:
                     ctx.skip({**rec, "reason": "dry run: torch.compile left out (its cold compile takes ~15 s per graph on a CPU)"})
                     continue
@@ -612,10 +607,6 @@ def bandwidth(ctx: Ctx) -> None:
                 stats = time_calls(fn, ctx.dev, reps=20 if ctx.cuda else 5)
                 nbytes = common.bytes_moved(op, shape, dtype, backward, x_dtype)
                 gbps = nbytes / (stats["median_ms"] * 1e-3) / 1e9
-                if common.is_fastvae(impl):
-                    rec["value_checks"] = common.split_impl(impl)[1]
-                if impl == "compile":
-                    rec["compiled"] = "eager-best"
                 ctx.record({**rec, "bytes": nbytes, **stats, "gbps": gbps, "copy_fraction": gbps / copy, "peak_mem_mb": None})
                 print(f"[bandwidth] {_case_label(case)} {impl}: {stats['median_ms']:.3f} ms, {gbps:.0f} GB/s = {gbps / copy:.0%} of copy", flush=True)
                 del fn

@@ -19,29 +19,26 @@ import numpy as np
 
 from fastvae import data, shards
 
-CHUNK = 4096
+CHUNK = 1024
 
 
-def base_images(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST's training images upscaled (nearest) to (H, W), as (N, 1, H, W) uint8, and their labels."""
-    split = data.load("fashion-mnist", "train")
-    _, h, w = shape
-    rows = (np.arange(h) * 28 // h)
-    cols = (np.arange(w) * 28 // w)
-    images = split.images.numpy()[:, rows][:, :, cols]
-    return images[:, None], split.labels.numpy()
+def upscale(images: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(k, 28, 28) -> (k, 1, h, w) uint8, nearest neighbour (an index gather: fast, and only one chunk at a time)."""
+    rows, cols = np.arange(h) * 28 // h, np.arange(w) * 28 // w
+    return images[:, rows][:, :, cols][:, None]
 
 
 def chunks(n: int, shape: tuple[int, int, int], seed: int = 0):
     """(images (k, C, H, W) uint8, labels (k,)) chunks adding up to n images; each repetition of the base set tinted anew."""
-    base, labels = base_images(shape)
+    split = data.load("fashion-mnist", "train")
+    base, labels = split.images.numpy(), split.labels.numpy()
     rng = np.random.default_rng(seed)
-    c = shape[0]
+    c, h, w = shape
     done = 0
     while done < n:
         start = done % len(base)
         k = min(CHUNK, n - done, len(base) - start)
-        gray = base[start:start + k].astype(np.uint16)
+        gray = upscale(base[start:start + k], h, w).astype(np.uint16)
         if c == 1:
             images = gray.astype(np.uint8)
         else:
@@ -62,11 +59,11 @@ def make(out: str | Path, gb: float, shape: tuple[int, int, int] = (3, 64, 64), 
                                     "upscaled (nearest) and tinted per image"}) as writer:
         for i, (images, lab) in enumerate(chunks(n, shape)):
             writer.add(images, lab if labels else None)
-            if progress and i % 64 == 0:
-                print(f"\r{min(n, (i + 1) * CHUNK)}/{n} images", end="", file=sys.stderr, flush=True)
+            if progress and i % 256 == 0:
+                print(f"\r{min(n, (i + 1) * CHUNK)}/{n} images ", end="", file=sys.stderr, flush=True)
     if progress:
         seconds = time.perf_counter() - started
-        print(f"\rwrote {out}: {n} images {'x'.join(map(str, shape))} ({n * math.prod(shape) / 2**30:.2f} GiB) "
+        print(f"\nwrote {out}: {n} images {'x'.join(map(str, shape))} ({n * math.prod(shape) / 2**30:.2f} GiB) "
               f"in {seconds:.1f} s", file=sys.stderr)
     return Path(out)
 

@@ -28,15 +28,13 @@ import torch
 import fastvae
 from fastvae.reference import ReferenceVAE, reference_loss
 
+from .common import sync
+
 VARIANTS = ("seed-loop", "eager-device", "compile", "compile-ro", "fastvae", "fastvae-torch")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _images(samples: int | None, data_dir: str | None = None) -> torch.Tensor:
+def load_images(samples: int | None, data_dir: str | None = None) -> torch.Tensor:
+    """Fashion-MNIST's training images (uint8), the first `samples` of them when given."""
     images = fastvae.data.load("fashion-mnist", "train", root=data_dir).images
     return images[:samples] if samples else images
 
@@ -70,13 +68,13 @@ def _seed_loop(images: torch.Tensor, epochs: int, batch: int, device: torch.devi
 
     tail = len(images) % batch or batch
     warm = _warm(model, opt, lambda: [step(images[:n].float().div(255).unsqueeze(1)) for n in (batch, tail)])
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(epochs):
         total = 0.0
         for data, _ in loader:
             total += step(data)
-    _sync(device)
+    sync(device)
     return {"seconds": time.perf_counter() - t0, "final_loss": total / len(images), "warmup_s": warm}
 
 
@@ -105,7 +103,7 @@ def _device_loop(images: torch.Tensor, epochs: int, batch: int, device: torch.de
     def warm_steps() -> None:
         for rows in (batch, tail, batch, tail):
             step(data[:rows])
-        _sync(device)
+        sync(device)
 
     warm = _warm(model, opt, warm_steps)
     t0 = time.perf_counter()
@@ -115,7 +113,7 @@ def _device_loop(images: torch.Tensor, epochs: int, batch: int, device: torch.de
         for i in range(0, n, batch):
             total += step(data[perm[i:i + batch]])
     final = float(total) / n
-    _sync(device)
+    sync(device)
     return {"seconds": time.perf_counter() - t0, "final_loss": final, ("compile_s" if mode else "warmup_s"): warm}
 
 
@@ -124,13 +122,13 @@ def _fastvae(images: torch.Tensor, epochs: int, batch: int, device: torch.device
     warm_n = batch * 5 + (len(images) % batch or batch)  # past the graph engine's eager warm-up steps and its capture
     t0 = time.perf_counter()
     fastvae.Trainer(fastvae.VAE(backend=backend), images[:warm_n], fastvae.TrainConfig(epochs=1, **cfg), device=device).fit()
-    _sync(device)
+    sync(device)
     warm = time.perf_counter() - t0
     trainer = fastvae.Trainer(fastvae.VAE(backend=backend), images, fastvae.TrainConfig(epochs=epochs, **cfg), device=device)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     history = trainer.fit()
-    _sync(device)
+    sync(device)
     return {"seconds": time.perf_counter() - t0, "final_loss": history[-1]["loss"], "warmup_s": warm}
 
 
@@ -139,7 +137,7 @@ def run(variant: str, *, epochs: int = 10, samples: int | None = None, batch: in
     """One variant of the reference run; returns a benchmark record. `data_dir`: the folder of the
     Fashion-MNIST IDX files (default: fastvae.data's standard places)."""
     dev = fastvae.trainer.resolve_device(device)
-    images = _images(samples, data_dir)
+    images = load_images(samples, data_dir)
     torch.manual_seed(seed)
     if variant == "seed-loop":
         out = _seed_loop(images, epochs, batch, dev)

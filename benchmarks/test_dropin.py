@@ -1,5 +1,7 @@
 """Drop-in benchmarks: one training step (zero_grad, forward, the user's loss, backward, Adam) of the
-user VAEs in tests/user_vaes.py, three ways:
+user VAEs in tests/user_vaes.py, three ways (latent-diffusion autoencoders at batch 8, 64x64x3,
+trained through forward or through encode / posterior.sample() / decode / kl(); diffusers'
+AutoencoderKL where diffusers is installed):
 
 - "user": the module and loss as written;
 - "accelerated": the same after ``fastvae.accelerate(model)`` (the one-line change);
@@ -7,8 +9,9 @@ user VAEs in tests/user_vaes.py, three ways:
   loss, fused Adam, value checks off, and the whole step as a CUDA graph on GPU.
 
 Records carry extra_info {"op": "dropin", "pass": "step", "model", "impl", "backend", "shape":
-[batch], "dtype", "device"}. Sizes: FASTVAE_BENCH_SIZE=smoke (2 models, batch 16), quick (the MLP
-models and one conv model, batch 128) or full (all, batch 128). Run through ``python -m
+[batch], "dtype", "device"}. Sizes: FASTVAE_BENCH_SIZE=smoke (2 models and the ldm-style model
+through its methods, batch 16 / 2), quick (the MLP models, one conv model and the latent-diffusion
+ones) or full (all); each model at its case's batch (128, the latent-diffusion models 8). Run through ``python -m
 benchmarks.run --parts dropin`` or ``python -m pytest benchmarks/test_dropin.py --benchmark-only``.
 On a shared, noisy machine compare with ``python -m benchmarks.test_dropin --seconds 600``: the
 impls interleaved step by step, min and median of paired ratios (the numbers in docs/your-own-vae.md).
@@ -37,31 +40,40 @@ if not hasattr(user_vaes, "CASES"):
 IMPLS = ("user", "accelerated", "engine")
 
 
+LDM = ("ldm_conv", "ldm_conv_methods", "diffusers_autoencoder_kl")
+
+
 def _cases() -> tuple[int, list]:
     preset = common.preset()
+    every = user_vaes.CASES + user_vaes.METHOD_CASES + user_vaes.diffusers_cases()
     if preset == "smoke":
-        return 16, [c for c in user_vaes.CASES if c.name in ("examples_mlp", "crop_conv28")]
+        return 16, [c for c in every if c.name in ("examples_mlp", "crop_conv28", "ldm_conv_methods")]
     if preset == "quick":
-        return 128, [c for c in user_vaes.CASES if c.kind == "mlp" or c.name == "crop_conv28"]
-    return 128, list(user_vaes.CASES)
+        return 128, [c for c in every if c.kind == "mlp" or c.name == "crop_conv28" or c.name in LDM]
+    return 128, every
 
 
 BATCH, CASES = _cases()
 
 
+def batch_size(case) -> int:
+    """The case's batch (128; the latent-diffusion models 8), smaller in the smoke preset."""
+    return min(BATCH, case.bench_batch) if BATCH > 16 or case.bench_batch >= BATCH else max(1, case.bench_batch // 4)
+
+
 def _batch(case) -> tuple:
-    """The same batch of BATCH for every impl, on the device."""
+    """The same batch of the case's size for every impl, on the device."""
     return tuple(t.to(DEV) if isinstance(t, torch.Tensor) else {k: v.to(DEV) for k, v in t.items()}
-                 for t in case.batch(BATCH, torch.Generator().manual_seed(0)))
+                 for t in case.batch(batch_size(case), torch.Generator().manual_seed(0)))
 
 
 def _loop_step(case, model, batch):
-    """The user's training loop: Adam as users create it, their loss on the forward's output."""
+    """The user's training loop: Adam as users create it, their loss on the forward's output (or their step through methods)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = case.loss(model, batch, model(*batch))
+        loss = case.step_loss(model, batch)
         loss.backward()
         optimizer.step()
     return step
@@ -73,9 +85,11 @@ def _engine_step(case, model, batch):
     if not case.signed:  # data in [0, 1] is held as uint8 pixels, as fit() takes a data set
         images = (images * 255).round().to(torch.uint8)
     labels = batch[1] if case.inputs == "labels" else None
-    adapter = DropinModel(model, tuple(images.shape[1:]), conditional=labels is not None, example=case.images(batch), labels=labels)
-    trainer = fastvae.Trainer(adapter, images, fastvae.TrainConfig(batch_size=BATCH, lr=1e-4, progress=False), device=DEV, labels=labels)
-    rows = torch.arange(BATCH, device=DEV)
+    adapter = DropinModel(model, tuple(images.shape[1:]), likelihood=case.likelihood, conditional=labels is not None,
+                          example=case.images(batch), labels=labels)
+    n = images.shape[0]
+    trainer = fastvae.Trainer(adapter, images, fastvae.TrainConfig(batch_size=n, lr=1e-4, progress=False), device=DEV, labels=labels)
+    rows = torch.arange(n, device=DEV)
     engine = graphs.engine(trainer)
     condition = {"labels": trainer.labels[rows]} if labels is not None else {}
 
@@ -94,6 +108,8 @@ def _engine_step(case, model, batch):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_step(benchmark, case, impl):
+    if not case.fit and impl == "engine":
+        pytest.skip("fastvae.fit does not train this model's objective (an L1 loss or a step through methods)")
     if case.inputs == "dict" and impl == "engine":
         pytest.skip("fastvae.fit takes forward(x) or forward(x, labels), not a dict batch")
     torch.manual_seed(0)
@@ -109,12 +125,12 @@ def test_step(benchmark, case, impl):
         step()
         common.sync(DEV)
 
-    for _ in range(graphs.WARMUP_STEPS + 2):  # the accelerated model's first forward is recorded; the engine captures its graph
+    for _ in range(graphs.WARMUP_STEPS + 2):  # the accelerated model's first step is recorded; the engine captures its graph
         timed()
     benchmark.extra_info.update({
         "op": "dropin", "pass": "step", "model": case.name, "impl": impl,
         "backend": "eager" if impl == "user" else fastvae.backends()["loss"]["active"][DEV.type],
-        "shape": [BATCH], "dtype": "float32", "device": DEV.type,
+        "shape": [batch_size(case)], "dtype": "float32", "device": DEV.type,
     })
     benchmark(timed)
 
@@ -130,14 +146,14 @@ def interleaved(seconds: float, names: list[str] | None = None) -> dict[str, dic
         if names and case.name not in names:
             continue
         for impl in IMPLS:
-            if case.inputs == "dict" and impl == "engine":
+            if impl == "engine" and (case.inputs == "dict" or not case.fit):
                 continue
             torch.manual_seed(0)
             model, batch = case.model().to(DEV), _batch(case)
             if impl == "accelerated":
                 model = fastvae.accelerate(model)
             step = _engine_step(case, model, batch) if impl == "engine" else _loop_step(case, model, batch)
-            for _ in range(12):  # past the first (recorded) forward, the tagging decision, the graph capture
+            for _ in range(12 if impl == "engine" else 4):  # past the first (recorded) step and the tagging decision; the graph capture
                 step()
             steps[(case.name, impl)] = step
     times: dict[tuple[str, str], list[float]] = {k: [] for k in steps}

@@ -59,13 +59,8 @@ def test_op(benchmark, case, impl):
         t.grad = None  # so that the gradients count in the peak
     mode = common.peak_mode()
     peak = None if mode == "skip" else common.peak_mem_mb(timed, DEV)
-    benchmark.extra_info.update({
-        "op": op, "pass": "fwd_bwd" if backward else "fwd", "backend": impl, "shape": list(shape),
-        "dtype": str(dtype).removeprefix("torch."), "device": DEV.type,
-        "bytes": common.bytes_moved(op, shape, dtype, backward), "peak_mem_mb": peak,
-        **({"value_checks": common.split_impl(impl)[1]} if common.is_fastvae(impl) else {}),
-        **({"compiled": "eager-best"} if impl == "compile" else {}),
-    })
+    benchmark.extra_info.update({**common.case_record(op, backward, shape, dtype, impl, DEV),
+                                 "bytes": common.bytes_moved(op, shape, dtype, backward), "peak_mem_mb": peak})
     if mode == "only":
         benchmark.pedantic(timed, rounds=1, iterations=1)  # the peak is the result; this time is not reported
     else:

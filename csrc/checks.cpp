@@ -8,11 +8,22 @@ namespace fastvae {
 namespace {
 std::atomic<bool> poison{false};
 
-void check_tensor(const char* name, const at::Tensor& t, at::DeviceType device) {
+// The tensor an optional argument holds; nullptr when it is absent or undefined.
+const at::Tensor* given(const OptTensor& t) { return t.has_value() && t->defined() ? &*t : nullptr; }
+
+void check_device_type(const char* name, const at::Tensor& t, at::DeviceType device) {
   TORCH_CHECK(t.defined(), "fastvae: ", name, " is undefined");
   TORCH_CHECK(t.device().type() == device, "fastvae: ", name, " must be a ", c10::DeviceTypeName(device),
               " tensor, got one on ", t.device());
+}
+
+void check_tensor(const char* name, const at::Tensor& t, at::DeviceType device) {
+  check_device_type(name, t, device);
   TORCH_CHECK(t.is_contiguous(), "fastvae: ", name, " must be contiguous; call .contiguous()");
+}
+
+void check_on(const char* name, const at::Tensor& t, const at::Device& device) {
+  TORCH_CHECK(t.device() == device, "fastvae: ", name, " must be on ", device, " (the op's device), got ", t.device());
 }
 
 void check_float(const char* name, const at::Tensor& t) {
@@ -23,7 +34,7 @@ void check_float(const char* name, const at::Tensor& t) {
 void check_scalar(const char* name, const at::Tensor& t, at::ScalarType dtype, const at::Device& device) {
   TORCH_CHECK(t.dim() == 0 && t.scalar_type() == dtype, "fastvae: ", name, " must be a 0-dim ", dtype,
               " tensor, got shape ", t.sizes(), " and ", t.scalar_type());
-  TORCH_CHECK(t.device() == device, "fastvae: ", name, " must be on ", device, " (the op's device), got ", t.device());
+  check_on(name, t, device);
 }
 }  // namespace
 
@@ -46,9 +57,10 @@ at::Tensor check_reparam_backward(const at::Tensor& grad_z, const OptTensor& gra
               " and ", grad_z.sizes());
   TORCH_CHECK(z.scalar_type() == mu.scalar_type() && grad_z.scalar_type() == mu.scalar_type(),
               "fastvae: z and grad_z must have mu's dtype");
-  if (!grad_kl.has_value() || !grad_kl->defined()) return at::Tensor();
-  TORCH_CHECK(grad_kl->numel() == mu.size(0), "fastvae: grad_kl must hold one value per row, got ", grad_kl->sizes());
-  return grad_kl->to(mu.device(), mu.scalar_type()).contiguous();
+  const at::Tensor* g = given(grad_kl);
+  if (g == nullptr) return at::Tensor();
+  TORCH_CHECK(g->numel() == mu.size(0), "fastvae: grad_kl must hold one value per row, got ", g->sizes());
+  return g->to(mu.device(), mu.scalar_type()).contiguous();
 }
 
 at::Tensor check_loss(const at::Tensor& logits, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& logvar,
@@ -83,21 +95,22 @@ LossOutputs empty_loss_outputs(const at::Tensor& logits, const at::Tensor& mu, b
 
 at::Tensor check_to_image(const at::Tensor& values, const at::Tensor& out, at::DeviceType device) {
   check_tensor("values", values, device);
-  TORCH_CHECK(out.device() == values.device(), "fastvae: out must be on values' device");
+  check_on("out", out, values.device());
   check_float("values", values);
   TORCH_CHECK(out.sizes() == values.sizes(), "fastvae: out must have values' shape ", values.sizes(), ", got ", out.sizes());
-  TORCH_CHECK(out.scalar_type() == at::kByte || out.is_floating_point(), "fastvae: out must be uint8 or floating point");
-  const bool direct = out.is_contiguous() && (out.scalar_type() == at::kByte || out.scalar_type() == values.scalar_type());
-  return direct ? out : at::empty(values.sizes(), values.options().dtype(out.scalar_type() == at::kByte ? at::kByte : values.scalar_type()));
+  TORCH_CHECK(out.scalar_type() == at::kByte, "fastvae: to_image writes uint8 images, got out of ", out.scalar_type(),
+              " (a float output is torch.sigmoid's)");
+  return out.is_contiguous() ? out : at::empty(values.sizes(), values.options().dtype(at::kByte));
 }
 
 const int64_t* seed_pointer(const OptTensor& seed_t, int64_t seed, const at::Device& device) {
-  if (!seed_t.has_value() || !seed_t->defined()) {
+  const at::Tensor* t = given(seed_t);
+  if (t == nullptr) {
     TORCH_CHECK(seed >= 0, "fastvae: seed must be >= 0, got ", seed);
     return nullptr;
   }
-  check_scalar("seed_t", *seed_t, at::kLong, device);
-  return seed_t->const_data_ptr<int64_t>();
+  check_scalar("seed_t", *t, at::kLong, device);
+  return t->const_data_ptr<int64_t>();
 }
 
 uint64_t host_seed(const OptTensor& seed_t, int64_t seed) {
@@ -108,29 +121,29 @@ uint64_t host_seed(const OptTensor& seed_t, int64_t seed) {
 }
 
 const double* beta_pointer(const OptTensor& beta_t, const at::Device& device) {
-  if (!beta_t.has_value() || !beta_t->defined()) return nullptr;
-  check_scalar("beta_t", *beta_t, at::kDouble, device);
-  return beta_t->const_data_ptr<double>();
+  const at::Tensor* t = given(beta_t);
+  if (t == nullptr) return nullptr;
+  check_scalar("beta_t", *t, at::kDouble, device);
+  return t->const_data_ptr<double>();
 }
 
 int32_t* flag_word(const OptTensor& flags, const at::Device& device) {
-  if (!flags.has_value() || !flags->defined()) return nullptr;
-  TORCH_CHECK(flags->scalar_type() == at::kInt && flags->numel() == 1 && flags->dim() == 1,
-              "fastvae: flags must be an int32 tensor of shape (1,), got ", flags->scalar_type(), " ", flags->sizes());
-  TORCH_CHECK(flags->device() == device, "fastvae: flags must be on ", device, " (the op's device), got ", flags->device());
-  return flags->data_ptr<int32_t>();
+  const at::Tensor* t = given(flags);
+  if (t == nullptr) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kInt && t->numel() == 1 && t->dim() == 1,
+              "fastvae: flags must be an int32 tensor of shape (1,), got ", t->scalar_type(), " ", t->sizes());
+  check_on("flags", *t, device);
+  return t->data_ptr<int32_t>();
 }
 
 void check_scale_grads(const at::Tensor& grad_out, at::TensorList grads, at::DeviceType device) {
-  TORCH_CHECK(grad_out.defined() && grad_out.device().type() == device, "fastvae: grad_out must be a ",
-              c10::DeviceTypeName(device), " tensor");
-  TORCH_CHECK(grad_out.scalar_type() == at::kFloat || grad_out.scalar_type() == at::kDouble,
-              "fastvae: grad_out must be float32 or float64, got ", grad_out.scalar_type());
+  check_device_type("grad_out", grad_out, device);
+  check_float("grad_out", grad_out);
   TORCH_CHECK(grad_out.dim() <= 1, "fastvae: grad_out must be 0-dim or (batch,), got ", grad_out.sizes());
   for (const at::Tensor& g : grads) {
     check_tensor("grads[i]", g, device);
     check_float("grads[i]", g);
-    TORCH_CHECK(g.device() == grad_out.device(), "fastvae: grads must be on grad_out's device");
+    check_on("grads[i]", g, grad_out.device());
     TORCH_CHECK(grad_out.dim() == 0 || (g.dim() >= 1 && g.size(0) == grad_out.numel()),
                 "fastvae: a per-row grad_out ", grad_out.sizes(), " needs grads of ", grad_out.numel(), " rows, got ",
                 g.sizes());

@@ -12,7 +12,8 @@ import torch
 
 MAX_LOGVAR = 88.0  # exp(88.7) is float32's largest finite value
 
-# Value-check flag bits the fused kernels OR into a flag word (csrc/flags.h and kernels/_common.py mirror them).
+# Value-check flag bits the fused kernels OR into a flag word: the one definition (the Triton kernels read these;
+# csrc/flags.h mirrors them in C++, and tests/test_cpp_ops.py checks the extension against them).
 FLAG_LOGITS_NONFINITE = 1
 FLAG_X_NONFINITE = 2
 FLAG_X_RANGE = 4  # Bernoulli likelihood, floating-point target outside [0, 1]

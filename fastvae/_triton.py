@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-OPS = ("reparam", "loss", "decode")
+from .backends import OPS
 
 
 def load_kernels(op: str) -> ModuleType:

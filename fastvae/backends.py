@@ -19,6 +19,7 @@ import os
 import warnings
 from typing import Any, Callable
 
+OPS = ("reparam", "loss", "decode")  # the fused ops, one module each in fastvae.ops
 BACKENDS = ("torch", "triton", "cpp", "cuda")
 CHOICES = (None, "auto") + BACKENDS
 # Fastest first. Triton on CPU means its interpreter: correct but slow, so never chosen by "auto".
@@ -29,7 +30,6 @@ _loaded: dict[tuple[str, str], Any] = {}
 _errors: dict[tuple[str, str], str] = {}
 _warned: set[str] = set()
 _failed_at_run: set[tuple[str, str]] = set()  # already warned about by run_fused: "auto" skips them quietly
-_picked: dict[tuple[str, str, str], tuple[str, Any]] = {}  # (op, device type, requested) -> pick's resolution, while loaded
 
 
 class BackendUnavailable(RuntimeError):
@@ -45,7 +45,6 @@ def register(op: str, backend: str, loader: Callable[[], Any]) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _loaders[(op, backend)] = loader
-    _picked.clear()
 
 
 def warn_once(key: str, message: str) -> None:
@@ -147,15 +146,9 @@ def pick(op: str, backend: str | None, *tensors: Any) -> tuple[str, Any | None]:
     PyTorch for this call, an explicit request still runs the kernel.
     """
     name = requested(backend)
-    key = (op, tensors[0].device.type, name)
-    hit = _picked.get(key)
-    if hit is not None and _loaded.get((op, hit[0])) is hit[1]:  # still the loaded implementation
-        chosen, impl = hit
-    else:
-        chosen, impl = _auto(op, key[1]) if name == "auto" else resolve(op, key[1], name)
-        if impl is None:
-            return chosen, impl
-        _picked[key] = (chosen, impl)
+    chosen, impl = resolve(op, tensors[0].device.type, name)
+    if impl is None:
+        return chosen, impl
     check = getattr(impl, "unsupported", None)
     why = check(*tensors) if check is not None else None
     if why:

@@ -1,4 +1,4 @@
-"""The ``fastvae`` command: train, sample, reconstruct, score, prepare, info."""
+"""The ``fastvae`` command: train, sample, reconstruct, score, prepare, export, info."""
 from __future__ import annotations
 
 import argparse
@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="seed of the initial weights, data order and samples")
     t.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="use only the first N training images")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (the start-up and per-epoch lines still print)")
+    t.add_argument("--logger", choices=("jsonl", "tensorboard"), default="jsonl",
+                   help="tensorboard: TensorBoard event files (scalars, images, hyper-parameters) in the run folder too; "
+                        "needs pip install 'fastvae[tensorboard]'. metrics.jsonl is always written")
 
     s = _subcommand(sub, "sample", "decode prior samples of a trained model to a PNG grid")
     s.add_argument("checkpoint", metavar="RUN", help="a run folder (runs/<name>) or its checkpoint.pt")
@@ -149,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--out", default=None, metavar="CSV", help="CSV to write (default: scores-<split>-k<K>.csv in the checkpoint's run folder)")
 
     _prepare_arguments(sub)
+    e = _subcommand(sub, "export", "write a run's model as model.safetensors + config.json (Hugging Face layout)")
+    e.add_argument("checkpoint", metavar="RUN", help="a run folder (runs/<name>) or its checkpoint.pt")
+    e.add_argument("out", metavar="DIR", help="folder to write (created; files of an earlier export there are replaced atomically)")
     sub.add_parser("info", help="versions, devices and active backends")
     sub.add_parser("bench", help="run the benchmark suite (source checkout; see python -m benchmarks.run --help)", add_help=False)
     return parser
@@ -241,12 +247,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+    from ._extras import MissingExtra
     from .backends import BackendUnavailable
+    from .callbacks import CallbackError
     from .runner import TrainingInterrupted
 
     try:
         return _run(args)
-    except (ValueError, OSError, BackendUnavailable) as exc:  # bad input (data, checkpoint, settings, files): a message, not a traceback
+    except (ValueError, OSError, BackendUnavailable, MissingExtra, CallbackError) as exc:  # bad input (data, checkpoint, settings, files): a message, not a traceback
         print(f"fastvae {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except TrainingInterrupted as stop:
@@ -291,7 +299,13 @@ def _run(args: argparse.Namespace) -> int:
               limit=args.limit, model=args.model, hidden_dims=args.hidden_dims, latent_dim=args.latent_dim, likelihood=args.likelihood,
               backend=args.backend, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, beta=args.beta, warmup=args.warmup,
               warmup_unit=args.warmup_unit, seed=args.seed, amp=args.amp, tf32=args.tf32, cuda_graph=args.cuda_graph,
-              progress=not args.no_progress, warmup_schedule=args.warmup_schedule, cycles=args.cycles, objective=args.objective, k=args.k)
+              progress=not args.no_progress, warmup_schedule=args.warmup_schedule, cycles=args.cycles, objective=args.objective, k=args.k,
+              logger=args.logger)
+        return 0
+    if args.command == "export":
+        from .runner import export
+
+        print(f"wrote {export(args.checkpoint, args.out)} (model.safetensors, config.json, README.md)")
         return 0
     if args.command == "prepare":
         from .prepare import prepare

@@ -23,7 +23,7 @@ last batch of an epoch runs eagerly. If capture fails, one warning and eager fro
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator, Protocol
 
 import torch
 
@@ -31,10 +31,36 @@ from . import _checks
 from .backends import warn_once
 from .ops.loss import LossTerms
 
-if TYPE_CHECKING:
-    from .trainer import Trainer
-
 WARMUP_STEPS = 3
+
+
+class StepConfig(Protocol):
+    """The training settings the graph engine reads (``fastvae.TrainConfig`` has them)."""
+
+    cuda_graph: bool | None
+    objective: str
+    batch_size: int
+    beta: float
+    warmup: int
+    warmup_unit: str
+    amp: bool
+
+
+class TrainingRun(Protocol):
+    """What the graph engine needs of the trainer whose step it runs (``fastvae.Trainer`` is one).
+    Described here rather than imported: trainer.py imports this module, not the other way round."""
+
+    config: StepConfig
+    device: torch.device
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    data: torch.Tensor  # the whole data set on the device
+    labels: torch.Tensor | None
+    shard: object | None  # set under distributed training
+    steps_per_epoch: int
+    step: int
+
+    def beta_at(self, step: int) -> float: ...
 
 
 def set_capturable(optimizer: torch.optim.Optimizer, flag: bool) -> None:
@@ -74,7 +100,7 @@ def tf32(enabled: bool) -> Iterator[None]:
             setattr(obj, attr, value)
 
 
-def unsupported(trainer: Trainer) -> str | None:
+def unsupported(trainer: TrainingRun) -> str | None:
     """Why the training step of `trainer` is not captured, or None."""
     c = trainer.config
     if trainer.device.type != "cuda":
@@ -88,7 +114,7 @@ def unsupported(trainer: Trainer) -> str | None:
     return None
 
 
-def engine(trainer: Trainer) -> GraphStep | None:
+def engine(trainer: TrainingRun) -> GraphStep | None:
     """The graph engine if ``config.cuda_graph`` asks for it (None: on where supported) and it can run, else None."""
     flag = trainer.config.cuda_graph
     why = unsupported(trainer) if flag is not False else "cuda_graph=False"
@@ -106,7 +132,7 @@ class GraphStep:
     buffer that the next step overwrites: consume them (in stream order) before calling again.
     """
 
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(self, trainer: TrainingRun) -> None:
         self.trainer = trainer
         c, dev = trainer.config, trainer.device
         self.length = c.warmup * (trainer.steps_per_epoch if c.warmup_unit == "epochs" else 1)

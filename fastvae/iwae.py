@@ -43,14 +43,15 @@ def log_weights(model, x: torch.Tensor, k: int, *, beta: float = 1.0, seed: int 
     muf, lvf = _checks.accumulate(mu), _checks.accumulate(logvar)
     zf = reparameterize(muf, lvf, k=k, seed=seed, backend=model.backend)  # (k, B, L)
     b = mu.shape[0]
-
-    def repeat(t: torch.Tensor) -> torch.Tensor:
-        return t.unsqueeze(0).expand(k, *t.shape).reshape(k * b, *t.shape[1:])
-
-    logits = model.train_logits(zf.to(mu.dtype).reshape(k * b, -1), repeat(flat), **{name: repeat(c) for name, c in condition.items()})
-    recon = recon_rows(model, logits, repeat(target)).view(k, b)
+    logits = model.train_logits(zf.to(mu.dtype).reshape(k * b, -1), repeat(flat, k), **{name: repeat(c, k) for name, c in condition.items()})
+    recon = recon_rows(model, logits, repeat(target, k)).view(k, b)
     kl = kl_rows_reference(muf.detach(), lvf.detach())
     return LogWeights(-recon + beta * (neg_log_normal(zf, muf, lvf) - neg_log_normal(zf)), recon, kl)
+
+
+def repeat(t: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, ...) -> (k * B, ...): the batch k times over, in the order of k samples (k, B, ...) reshaped to (k * B, ...)."""
+    return t.unsqueeze(0).expand(k, *t.shape).reshape(k * t.shape[0], *t.shape[1:])
 
 
 def recon_rows(model, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -85,11 +85,17 @@ def reconstruction_grid(model, images: torch.Tensor, image_shape: tuple[int, ...
     images = images.to(device)
     originals = to_pixels(images.reshape(images.shape[0], -1)).cpu()
     recon = to_pixels(model.reconstruct(images, **{k: v.to(device) for k, v in condition.items()})).cpu()
+    return grid(above(originals, recon, columns), image_shape, columns=columns)
+
+
+def above(originals: torch.Tensor, recon: torch.Tensor, columns: int) -> torch.Tensor:
+    """(N, D) rows of `columns` originals, each row followed by the row of their reconstructions
+    (a short last row padded with blank images), ready for ``grid(..., columns=columns)``."""
     rows = []
     for start in range(0, originals.shape[0], columns):
         pad = torch.zeros(max(0, columns - originals[start:start + columns].shape[0]), originals.shape[1], dtype=torch.uint8)
         rows += [originals[start:start + columns], pad, recon[start:start + columns], pad]
-    return grid(torch.cat(rows), image_shape, columns=columns)
+    return torch.cat(rows)
 
 
 @torch.no_grad()

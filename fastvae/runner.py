@@ -10,14 +10,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from . import cache, checkpoint, distributed, models, plots, stream
+from . import cache, checkpoint, distributed, models, stream
 from . import data as datasets
-from .apps import latent_map
-from .backends import resolve
-from .model import VAE
+from .backends import OPS, resolve
+from .callbacks import Pictures
 from .trainer import CHECKPOINT, METRICS, TrainConfig, Trainer
-
-OPS = ("reparam", "loss", "decode")
 
 
 def default_out(dataset: str) -> Path:
@@ -98,6 +95,7 @@ def train(
     latent_dim: int = 20,
     likelihood: str = "bernoulli",
     backend: str | None = None,
+    callbacks: Sequence[Any] = (),
     **config: Any,
 ) -> tuple[nn.Module, list[dict[str, float]]]:
     """Train a VAE on a named data set and write checkpoint.pt, metrics.jsonl and PNGs to `out`.
@@ -109,7 +107,8 @@ def train(
     `model` is a name of fastvae.models.MODELS (None: vae for 28x28 grey images, else conv; cvae
     trains on the labels; hidden_dims=None: the model's default, (400,) for vae); `resume` is a
     checkpoint or its run folder; `download` fetches a missing data set (checksummed); other
-    keywords are TrainConfig's (stream=True/False forces streaming). Ctrl-C raises ``TrainingInterrupted``.
+    keywords are TrainConfig's (stream=True/False forces streaming; logger="tensorboard": TensorBoard event
+    files in `out` too); `callbacks` go to the Trainer. Ctrl-C raises ``TrainingInterrupted``.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive number of images, got {limit!r}")
@@ -136,12 +135,15 @@ def train(
                           num_classes=classes, backend=backend)
     cfg.extra = {**cfg.extra, "dataset": str(train_set.path) if data is not None else dataset, "limit": limit}
     labels = labels if net.conditional else None
-    trainer = Trainer(net, images, cfg, device=device, out_dir=out_dir, labels=labels)
+    objective = Objective.of(getattr(net, "name", "vae"), vars(cfg))
+    first, first_labels = stream.head(images, 32)
+    pictures = Pictures(first, stream.image_shape(shape), labels=(labels if labels is not None else first_labels) if net.conditional else None,
+                        caption=objective.caption, ylabel=f"{objective.label} per sample")
+    trainer = Trainer(net, images, cfg, device=device, out_dir=out_dir, labels=labels, callbacks=[*callbacks, *([pictures] if main else [])])
     # An explicit backend that cannot run on this device fails here, before anything is written.
     active = {op: resolve(op, trainer.device.type, backend)[0] for op in OPS}
     if resume:
         trainer.resume(resume)
-    objective = Objective.of(getattr(net, "name", "vae"), vars(cfg))
 
     def report(record: dict[str, float]) -> None:
         print(f"epoch {record['epoch']}/{cfg.epochs}: {objective.terms(record)}, {record['seconds']:.1f} s "
@@ -155,11 +157,8 @@ def train(
     except KeyboardInterrupt:
         raise _interrupted(trainer, out_dir, existed) from None
     if main:
-        first, first_labels = stream.head(images, 32)
-        write_pictures(net, first, out_dir, image_shape=stream.image_shape(shape),
-                       labels=(labels[:32] if labels is not None else first_labels) if net.conditional else None,
-                       objective=objective, history=history)
-        print(f"wrote {out_dir / CHECKPOINT}, {out_dir / METRICS} and PNGs to {out_dir}")
+        board = ", TensorBoard event files" if cfg.logger == "tensorboard" else ""
+        print(f"wrote {out_dir / CHECKPOINT}, {out_dir / METRICS}{board} and PNGs to {out_dir}")
     return net, history
 
 
@@ -187,7 +186,7 @@ def startup_line(train_set: Any, n: int, net: nn.Module, objective: Objective, t
             f"  model {getattr(net, 'name', 'vae')}, loss {objective.label}, {c.epochs} epochs of {trainer.steps_per_epoch} steps "
             f"(batch {c.batch_size}){start}\n"
             f"  device {where}, backends: {', '.join(f'{op} {name}' for op, name in active.items())}\n"
-            f"  run folder {out_dir} (checkpoint.pt after each epoch, metrics.jsonl, PNGs at the end)")
+            f"  run folder {out_dir} (checkpoint.pt after each epoch, metrics.jsonl{', TensorBoard events' if c.logger == 'tensorboard' else ''}, PNGs at the end)")
 
 
 def _size(nbytes: int) -> str:
@@ -210,22 +209,19 @@ def _interrupted(trainer: Trainer, out_dir: Path, existed: bool) -> TrainingInte
     return TrainingInterrupted(out_dir, trainer.epoch, trainer.step, saved, saved_epoch)
 
 
-def write_pictures(model: nn.Module, images: torch.Tensor, out_dir: Path, image_shape: tuple[int, ...] | None,
-                   labels: torch.Tensor | None = None, objective: Objective | None = None,
-                   history: Sequence[dict[str, float]] = ()) -> None:
-    """reconstructions.png (originals above their reconstructions), samples.png (a conditional
-    model: one class per column), loss.png, and latent_map.png for an unconditional MLP VAE with a
-    2-D latent space; titled with what they show, the epoch and the loss. image_shape: (H, W) or (C, H, W)."""
-    if image_shape is None:
-        return
-    objective = objective or Objective(getattr(model, "name", "vae"))
-    caption = objective.caption(history)
-    condition = {"labels": labels[:32]} if labels is not None else {}
-    plots.write_reconstructions(model, images[:32], image_shape, out_dir / "reconstructions.png", caption, **condition)
-    n = 8 * model.num_classes if getattr(model, "conditional", False) else 64
-    plots.write_samples(model, out_dir / "samples.png", n, image_shape, caption)
-    if (out_dir / METRICS).exists():
-        plots.loss_curve(out_dir / METRICS, out_dir / "loss.png", ylabel=f"{objective.label} per sample")
-    h, w = image_shape[-2:]
-    if isinstance(model, VAE) and model.latent_dim == 2 and h * w == model.input_dim and h == w:
-        latent_map(model, out_dir / "latent_map.png", title=f"the 2-D latent space decoded\n{caption}")
+def export(run: str | os.PathLike, directory: str | os.PathLike) -> Path:
+    """``fastvae export``: a run's checkpoint (its folder or checkpoint.pt) as a save_pretrained folder
+    (model.safetensors, config.json, README.md; see fastvae.pretrained); returns the folder. The weights
+    of a fastvae model are loaded into it first, so a checkpoint that does not fit its config is refused
+    before anything is written."""
+    from . import pretrained
+
+    state = checkpoint.load(run)
+    config = {"model": state["config"].get("model", "vae"), **state["config"]}
+    if config["model"] != pretrained.USER:
+        pretrained.load_weights(models.from_config(config), state["model"], str(run))
+    history = state.get("history") or []
+    dataset = (state.get("train") or {}).get("extra", {}).get("dataset")
+    trained = (f"Trained {len(history)} epochs{' on ' + dataset if dataset else ''} with fastvae; last epoch's loss "
+               f"{history[-1]['loss']:.2f} per sample.\n\n") if history else ""
+    return pretrained.write(directory, config, state["model"], card=pretrained.model_card(config, trained))

@@ -421,6 +421,14 @@ class Streamed(_Source):
     def pixels(self, batch: Batch) -> torch.Tensor:
         return batch.x
 
+    def head(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The first n rows (n, input_dim) and their labels (or None) on the device (pictures of the inputs)."""
+        rows = np.arange(min(n, self.count), dtype=np.int64)
+        out = np.empty((len(rows), self.host.shape[2]), dtype=self._host_np.dtype)
+        labels = np.empty(len(rows), dtype=np.int64) if self.reader.has_labels else None
+        self.reader.gather(rows, out, labels)
+        return torch.from_numpy(out).to(self.device), torch.from_numpy(labels).to(self.device) if labels is not None else None
+
 
 class Loaded(_Source):
     """A user's DataLoader, iterated as given (its sampler, its batch size, its workers) each epoch."""

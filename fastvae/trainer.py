@@ -5,26 +5,27 @@ from the uint8 dataset by a shuffled index, the loss runs through the fused ops,
 running sums are read back every ``log_every`` steps for the progress bar and the metrics.
 Where the batches come from (resident, streamed from shards, a Dataset or a DataLoader) is
 ``fastvae.stream``'s concern: the Trainer asks its source for each epoch's batches.
+What leaves the loop (metrics.jsonl, TensorBoard, pictures, users' code) goes through the
+callbacks (fastvae.callbacks), at those logging steps and at the epochs' ends.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from . import _checks, checkpoint, distributed, graphs, stream
+from . import _checks, callbacks as callbacks_, checkpoint, distributed, graphs, stream
 from .iwae import iwae_terms
 from .schedules import SCHEDULES, kl_weight
 
 CHECKPOINT = checkpoint.FILENAME
-METRICS = "metrics.jsonl"
+METRICS = callbacks_.METRICS
 
 
 @dataclass
@@ -51,6 +52,7 @@ class TrainConfig:
     stream: bool | None = None  # None: stream the data when they take > half the device's free memory (fastvae.stream.decide); True/False force it
     prefetch: int = 4  # streaming: batches in flight (host buffers, and as many device buffers on CUDA)
     read_threads: int = 2  # streaming: background threads gathering batches
+    logger: str = "jsonl"  # "tensorboard": TensorBoard event files in the run folder too (metrics.jsonl is always written)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, stored in checkpoints (dataset name, ...)
 
     def validate(self) -> None:
@@ -72,6 +74,8 @@ class TrainConfig:
             raise ValueError(f"beta must be a finite number >= 0, got {self.beta!r}")
         if self.warmup_unit not in ("steps", "epochs"):
             raise ValueError(f"warmup_unit must be 'steps' or 'epochs', got {self.warmup_unit!r}")
+        if self.logger not in callbacks_.LOGGERS:
+            raise ValueError(f"logger must be one of {callbacks_.LOGGERS} (metrics.jsonl is always written), got {self.logger!r}")
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -127,15 +131,20 @@ class Trainer:
     (iterated as given; its batch size wins): see ``fastvae.stream``. out_dir: where checkpoint.pt,
     metrics.jsonl and the PNGs go (None: nothing is written). labels: one per image of a tensor, for
     conditional models (``model.conditional``), gathered with the same shuffled index.
+    callbacks: objects with some of the hooks of ``fastvae.callbacks.Callback``, called after the
+    built-in writers (metrics.jsonl when out_dir is set; TensorBoard with config.logger="tensorboard").
     A model with its own ``training_step(batch, optimizer, beta=...)`` (the AAE) makes its updates itself
     with the optimizer its ``make_optimizer(lr)`` returns.
     """
 
     def __init__(self, model: nn.Module, images: Any, config: TrainConfig | None = None, *,
                  device: str | torch.device | None = "auto", out_dir: str | os.PathLike | None = None,
-                 labels: torch.Tensor | None = None) -> None:
+                 labels: torch.Tensor | None = None, callbacks: Sequence[Any] | None = None) -> None:
         self.config = config or TrainConfig()
         self.config.validate()
+        user_callbacks = callbacks_.check(callbacks)
+        if self.config.logger != "jsonl" and out_dir is None:
+            raise ValueError(f"logger={self.config.logger!r} writes into the run folder: pass out_dir=...")
         self.device = resolve_device(device)
         if self.config.amp and self.device.type != "cuda":
             raise ValueError("amp=True (bf16 autocast) needs a CUDA device; drop --amp or use device='cuda'")
@@ -162,8 +171,10 @@ class Trainer:
             self.data_seed = self.shard.data_seed  # rank 0's
         if not distributed.is_main():
             self.out_dir = None  # checkpoints and metrics come from rank 0 only
+        self.callbacks = callbacks_.standard(self) + user_callbacks
         self.epoch = 0
         self.step = 0
+        self.should_stop = False  # a callback sets it to end the run after the current epoch (early stopping)
         self.history: list[dict[str, float]] = []
         self._graph: graphs.GraphStep | None = None
 
@@ -188,6 +199,11 @@ class Trainer:
     def steps_per_epoch(self) -> int:
         return self.source.steps
 
+    @property
+    def sample_shape(self) -> tuple[int, ...] | None:
+        """One input's shape as given (a DataLoader's: known from its first batch)."""
+        return self.source.sample_shape
+
     def beta_at(self, step: int) -> float:
         """KL weight at a step: linear or cyclical warm-up from 0 to beta, then beta."""
         c = self.config
@@ -201,13 +217,13 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "config": self.model.config(),
                 "train": {k: v for k, v in asdict(self.config).items()}, "epoch": self.epoch, "step": self.step,
                 "history": self.history, "rng": rng, "data_seed": self.data_seed,
-                "data": stream.describe_shape(self.source.sample_shape)}
+                "data": stream.describe_shape(self.sample_shape)}
 
     def resume(self, path: str | os.PathLike) -> None:
         """Continue from a checkpoint: weights, optimizer, RNG states, schedule and position."""
         state = checkpoint.load(path, map_location=self.device)
-        if self.source.sample_shape is not None:
-            checkpoint.check_data(state, self.source.sample_shape, path, "the data given to the Trainer")
+        if self.sample_shape is not None:
+            checkpoint.check_data(state, self.sample_shape, path, "the data given to the Trainer")
         checkpoint.check_config(state["config"], self.model.config(), path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -218,23 +234,32 @@ class Trainer:
 
     def fit(self, on_epoch: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
         """Train up to config.epochs; returns one dict per epoch (loss, recon, kl per sample, seconds).
-        `on_epoch(record)` runs as each epoch ends, after its checkpoint is written (the CLI prints it)."""
+        `on_epoch(record)` runs as each epoch ends, after its checkpoint is written and after the
+        callbacks' on_epoch_end (the CLI prints it). A callback that raises stops the run (CallbackError)."""
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            _trim_metrics(self.out_dir / METRICS, self.step)
+        self._emit = callbacks_.Dispatch(self, self.callbacks + ([callbacks_.EpochFunction(on_epoch)] if on_epoch else []))
         self._graph = graphs.engine(self)
         # The data was validated once (prepare_data): no separate Python value passes per step. The fused kernels'
         # flags stay on (they cost nothing) and are read at every logging step (_check_values), on CPU too.
         self._checked_step = self.step
         _checks.clear_flags(self.device)  # only this run's steps are reported
-        with _checks.python_passes(False), _checks.deferred(), graphs.tf32(self.config.tf32), self.source.running():
-            while self.epoch < self.config.epochs:
-                self.history.append(self._epoch())
-                self.epoch += 1
-                if self.out_dir is not None:
-                    checkpoint.save(self.state(), self.out_dir / CHECKPOINT)
-                if on_epoch is not None:
-                    on_epoch(self.history[-1])
+        status, self.should_stop = "failed", False
+        try:
+            self._emit("on_run_start")
+            with _checks.python_passes(False), _checks.deferred(), graphs.tf32(self.config.tf32), self.source.running():
+                while self.epoch < self.config.epochs and not self.should_stop:
+                    self.history.append(self._epoch())
+                    self.epoch += 1
+                    if self.out_dir is not None:
+                        checkpoint.save(self.state(), self.out_dir / CHECKPOINT)
+                    self._emit("on_epoch_end", self.history[-1], self.model)
+            status = "finished"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        finally:
+            self._emit.end(status)
         return self.history
 
     def _epoch(self) -> dict[str, float]:
@@ -275,7 +300,7 @@ class Trainer:
                 values = (window / window_seen).tolist()
                 now = time.perf_counter()
                 self._log({"step": self.step, "epoch": self.epoch + 1, "loss": values[0], "recon": values[1], "kl": values[2],
-                           "beta": self.beta_at(self.step - 1), "samples_per_s": window_seen / max(now - t_window, 1e-9)})
+                           "beta": self.beta_at(self.step - 1), "lr": self.lr, "samples_per_s": window_seen / max(now - t_window, 1e-9)})
                 bar.set_postfix(loss=f"{values[0]:.2f}")
                 seen, window_seen, t_window = seen + window_seen, 0, now
                 window.zero_()
@@ -303,10 +328,15 @@ class Trainer:
         _checks.check_values(self.device, where=f"in steps {self._checked_step}..{self.step - 1} of epoch {self.epoch + 1}")
         self._checked_step = self.step
 
+    @property
+    def lr(self) -> float:
+        """The learning rate now (the first parameter group's; config.lr for optimizers without groups)."""
+        groups = getattr(self.optimizer, "param_groups", None)
+        return float(groups[0]["lr"]) if groups else self.config.lr
+
     def _log(self, record: dict[str, Any]) -> None:
-        if self.out_dir is not None:
-            with open(self.out_dir / METRICS, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        """A logging step's (or an epoch's) record, its values already read from the device, to every callback."""
+        self._emit("on_log", record)
 
 
 def restore_rng(rng: dict[str, torch.Tensor], device: torch.device) -> None:
@@ -318,22 +348,6 @@ def restore_rng(rng: dict[str, torch.Tensor], device: torch.device) -> None:
     torch.set_rng_state(rng["torch"].cpu())
     if "cuda" in rng and device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drop records past the step training restarts from: written by a run killed after its last checkpoint."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            pass
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
 
 
 def _adam(params, lr: float, device: torch.device) -> torch.optim.Adam:

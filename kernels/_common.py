@@ -2,24 +2,28 @@
 normals (one Philox call per 4 outputs), device-side seeds and the value-check flag word."""
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from fastvae import _checks
+
 # The interpreter pays ~6 ms per program instance, whatever its size: there, few large blocks.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Value-check bits ORed into the flag word (fastvae/_checks.py FLAG_* and csrc/flags.h mirror them).
-FLAG_LOGITS_NONFINITE = 1
-FLAG_X_NONFINITE = 2
-FLAG_X_RANGE = 4  # Bernoulli likelihood, floating-point target < 0 or > 1
-FLAG_MU_NONFINITE = 8
-FLAG_LOGVAR_NONFINITE = 16
-FLAG_LOGVAR_HIGH = 32  # finite logvar > MAX_LOGVAR
-MAX_LOGVAR = 88.0  # exp(88.7) is float32's largest finite value
+# Value-check bits ORed into the flag word and the logvar bound, as the constexprs the kernels read
+# (a @triton.jit function may only read constexpr globals); fastvae/_checks.py defines them.
+LOGITS_NONFINITE = tl.constexpr(_checks.FLAG_LOGITS_NONFINITE)
+X_NONFINITE = tl.constexpr(_checks.FLAG_X_NONFINITE)
+X_RANGE = tl.constexpr(_checks.FLAG_X_RANGE)
+MU_NONFINITE = tl.constexpr(_checks.FLAG_MU_NONFINITE)
+LOGVAR_NONFINITE = tl.constexpr(_checks.FLAG_LOGVAR_NONFINITE)
+LOGVAR_HIGH = tl.constexpr(_checks.FLAG_LOGVAR_HIGH)
+MAX_LOGVAR = tl.constexpr(_checks.MAX_LOGVAR)
 
 
 class Config(NamedTuple):
@@ -48,7 +52,20 @@ def acc_dtype(t: torch.Tensor) -> tl.dtype:
     return tl.float64 if t.dtype == torch.float64 else tl.float32
 
 
-_recorder: list | None = None  # .ci/check_triton_compile.py: launches are recorded here instead of run
+_recorder: list | None = None  # set by `recording`
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list]:
+    """Launches recorded instead of run, as (kernel, grid, args, kwargs): .ci/check_triton_compile.py
+    compiles what a GPU would launch, tests read the launch configuration."""
+    global _recorder
+    calls: list = []
+    _recorder = calls
+    try:
+        yield calls
+    finally:
+        _recorder = None
 
 
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, config: Config, **constexprs: Any) -> None:
@@ -126,11 +143,5 @@ def report(flags_ptr, bits):
 def latent_flags(mu, lv):
     """int32 flag bits of mu / logvar values (padding lanes are loaded as 0: they never flag)."""
     lv_bad = nonfinite(lv)
-    return (tl.where(nonfinite(mu), _MU_NONFINITE, 0) | tl.where(lv_bad, _LOGVAR_NONFINITE, 0)
-            | tl.where((lv > _MAX_LOGVAR) & (lv_bad == 0), _LOGVAR_HIGH, 0))
-
-
-_MU_NONFINITE = tl.constexpr(FLAG_MU_NONFINITE)
-_LOGVAR_NONFINITE = tl.constexpr(FLAG_LOGVAR_NONFINITE)
-_LOGVAR_HIGH = tl.constexpr(FLAG_LOGVAR_HIGH)
-_MAX_LOGVAR = tl.constexpr(MAX_LOGVAR)
+    return (tl.where(nonfinite(mu), MU_NONFINITE, 0) | tl.where(lv_bad, LOGVAR_NONFINITE, 0)
+            | tl.where((lv > MAX_LOGVAR) & (lv_bad == 0), LOGVAR_HIGH, 0))

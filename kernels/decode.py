@@ -92,15 +92,14 @@ def _linear(in_ptr, w_ptr, b_ptr, out_ptr, M, K, N, SIGMOID: tl.constexpr, U8: t
 
 
 @triton.jit
-def _to_image(v_ptr, out_ptr, n, FROM_LOGITS: tl.constexpr, U8: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _to_image(v_ptr, out_ptr, n, FROM_LOGITS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     p = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC)
     if FROM_LOGITS:
         p = tl.sigmoid(p)
-    if U8:
-        p = tl.floor(tl.minimum(tl.maximum(p, 0.0), 1.0) * 255.0 + 0.5)
-    tl.store(out_ptr + offs, p.to(out_ptr.dtype.element_ty), mask=mask)
+    p = tl.floor(tl.minimum(tl.maximum(p, 0.0), 1.0) * 255.0 + 0.5)
+    tl.store(out_ptr + offs, p.to(tl.uint8), mask=mask)
 
 
 def precision() -> str:
@@ -123,8 +122,8 @@ def _dot(n: int, cap: int) -> int:
     return max(16, min(triton.next_power_of_2(n), cap))
 
 
-def mlp2_config(M: int, K: int, H: int, N: int, dtype: torch.dtype, precision: str, interpreted: bool = INTERPRETED) -> Config:
-    """Blocks of the one-kernel two-layer decoder for `dtype` weights and tl.dot `precision`.
+def mlp2_config(K: int, H: int, N: int, precision: str, interpreted: bool = INTERPRETED) -> Config:
+    """Blocks of the one-kernel two-layer decoder (latent K, hidden H, output N) for tl.dot `precision`.
 
     GPU: 64-row output tiles, the hidden layer 32 units and the latent 16 at a time (so any
     latent size up to MAX_FUSED_LATENT fits), 8 warps: 64 x 128 tiles on tensor cores (tf32,
@@ -138,7 +137,7 @@ def mlp2_config(M: int, K: int, H: int, N: int, dtype: torch.dtype, precision: s
     return Config(dict(BLOCK_M=64, BLOCK_N=_dot(N, 64), BLOCK_K=_dot(K, 16), BLOCK_H=_dot(H, 32)), num_warps=8, num_stages=1, maxnreg=255)
 
 
-def linear_config(M: int, K: int, N: int, dtype: torch.dtype, precision: str, interpreted: bool = INTERPRETED) -> Config:
+def linear_config(K: int, N: int, precision: str, interpreted: bool = INTERPRETED) -> Config:
     """Blocks of one decoder layer: 64 x 128 output tiles, K 32 at a time (tf32); 64 x 64, K 16
     at a time for IEEE float32 (FMA units: larger tiles spill); 8 warps, 3 stages."""
     if interpreted:
@@ -153,7 +152,7 @@ def normals_config(n: int, interpreted: bool = INTERPRETED) -> Config:
     return Config(dict(BLOCK_G=min(1 << 14 if interpreted else 256, triton.next_power_of_2(triton.cdiv(n, 4) + 1))), num_warps=4)
 
 
-def image_config(n: int, interpreted: bool = INTERPRETED) -> Config:
+def image_config(interpreted: bool = INTERPRETED) -> Config:
     """Blocks of the image tail: 1024 elements per program (8 per thread), 4 warps."""
     return Config(dict(BLOCK=1 << 20 if interpreted else 1024), num_warps=4)
 
@@ -192,7 +191,7 @@ def decode_mlp(layers: list[tuple[torch.Tensor, torch.Tensor]], z: torch.Tensor 
             raise ValueError(f"fuse=True needs exactly one hidden layer, got {len(layers)} layers")
         (w1, b1), (w2, b2) = params
         H = w1.shape[0]
-        cfg = mlp2_config(M, K, H, N, w1.dtype, prec).override(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_k, BLOCK_K=block_k)
+        cfg = mlp2_config(K, H, N, prec).override(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_k, BLOCK_K=block_k)
         grid = (triton.cdiv(M, cfg.blocks["BLOCK_M"]), triton.cdiv(N, cfg.blocks["BLOCK_N"]))
         launch(_mlp2, grid, zc, w1, b1, w2, b2, target, M, K, H, N, config=cfg, U8=u8, PRECISION=prec)
     else:
@@ -201,7 +200,7 @@ def decode_mlp(layers: list[tuple[torch.Tensor, torch.Tensor]], z: torch.Tensor 
             last = i == len(params) - 1
             n_out, k_in = w.shape
             dst = target if last else torch.empty(M, n_out, dtype=torch.float32, device=out.device)
-            cfg = linear_config(M, k_in, n_out, w.dtype, prec).override(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+            cfg = linear_config(k_in, n_out, prec).override(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
             grid = (triton.cdiv(M, cfg.blocks["BLOCK_M"]), triton.cdiv(n_out, cfg.blocks["BLOCK_N"]))
             launch(_linear, grid, h, w, b, dst, M, k_in, n_out, config=cfg, SIGMOID=last, U8=u8 and last, PRECISION=prec)
             h = dst
@@ -210,13 +209,16 @@ def decode_mlp(layers: list[tuple[torch.Tensor, torch.Tensor]], z: torch.Tensor 
 
 
 def to_image(values: torch.Tensor, out: torch.Tensor, from_logits: bool, *, block: int | None = None) -> None:
-    """out = sigmoid(values) (if from_logits) or values, quantised to floor(p * 255 + 0.5) for uint8 out."""
+    """uint8 out = floor(clamp(p, 0, 1) * 255 + 0.5) of p = sigmoid(values) (if from_logits) or values.
+    A float output is not this kernel's: decode_latents writes it with torch's sigmoid."""
+    if out.dtype != torch.uint8:
+        raise ValueError(f"to_image writes uint8 images, got out of {out.dtype} (a float output is torch.sigmoid's)")
     n = values.numel()
     if n == 0:
         return
     target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
-    cfg = image_config(n).override(BLOCK=block)
+    cfg = image_config().override(BLOCK=block)
     launch(_to_image, (triton.cdiv(n, cfg.blocks["BLOCK"]),), values.contiguous(), target, n, config=cfg, FROM_LOGITS=from_logits,
-           U8=out.dtype == torch.uint8, ACC=acc_dtype(values))
+           ACC=acc_dtype(values))
     if target is not out:
         out.copy_(target)

@@ -20,11 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, Config, acc_dtype, latent_flags, launch, nonfinite, or_all, report
-
-_LOGITS_NONFINITE = tl.constexpr(1)
-_X_NONFINITE = tl.constexpr(2)
-_X_RANGE = tl.constexpr(4)
+from ._common import (INTERPRETED, LOGITS_NONFINITE, X_NONFINITE, X_RANGE, Config, acc_dtype, latent_flags, launch, nonfinite, or_all,
+                      report)
 
 
 @triton.jit
@@ -48,11 +45,11 @@ def _loss(l_ptr, x_ptr, mu_ptr, lv_ptr, recon_ptr, kl_ptr, gl_ptr, gmu_ptr, glv_
         else:
             x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
         if CHECK:
-            bad |= tl.where(nonfinite(logit), _LOGITS_NONFINITE, 0)
+            bad |= tl.where(nonfinite(logit), LOGITS_NONFINITE, 0)
             if not X_U8:
-                bad |= tl.where(nonfinite(x), _X_NONFINITE, 0)
+                bad |= tl.where(nonfinite(x), X_NONFINITE, 0)
                 if not GAUSSIAN:
-                    bad |= tl.where((x < 0.0) | (x > 1.0), _X_RANGE, 0)
+                    bad |= tl.where((x < 0.0) | (x > 1.0), X_RANGE, 0)
         if GAUSSIAN:
             diff = logit - x
             term = diff * diff

@@ -111,8 +111,8 @@ def _backward(gz_ptr, gkl_ptr, mu_ptr, lv_ptr, gmu_ptr, glv_ptr, seed_ptr, seed:
         tl.store(glv_ptr + m, g_lv.to(glv_ptr.dtype.element_ty), mask=mask)
 
 
-def config(B: int, L: int, dtype: torch.dtype, interpreted: bool = INTERPRETED) -> Config:
-    """Blocks of both kernels for (B, L) latents of `dtype`.
+def config(B: int, L: int, interpreted: bool = INTERPRETED) -> Config:
+    """Blocks of both kernels for (B, L) latents (of any dtype: the tiles hold 4-element groups).
 
     GPU: BLOCK_R rows per program, a power of two >= 4 (sample 0's groups of 4 never straddle
     two programs): about 2048 latent elements, fewer (down to 128) while that leaves under two
@@ -152,7 +152,7 @@ def reparam_forward(mu: torch.Tensor, logvar: torch.Tensor, seed: int | torch.Te
     kl = torch.empty(B, dtype=torch.float64 if mu.dtype == torch.float64 else torch.float32, device=mu.device) if need_kl else None
     if B == 0 or L == 0:
         return z, (kl.zero_() if need_kl else None)
-    cfg = config(B, L, mu.dtype).override(BLOCK_R=block_rows, BLOCK_L=block_cols, BLOCK_G=block_groups)
+    cfg = config(B, L).override(BLOCK_R=block_rows, BLOCK_L=block_cols, BLOCK_G=block_groups)
     seed_ptr, seed_val, seed_is_ptr = seed_args(seed, z)
     launch(_forward, (triton.cdiv(B, cfg.blocks["BLOCK_R"]),), mu, logvar, z, kl if need_kl else z, flags if flags is not None else z,
            seed_ptr, seed_val, B, L, k, config=cfg, SEED_PTR=seed_is_ptr, NEED_KL=need_kl, CHECK=flags is not None,
@@ -171,7 +171,7 @@ def reparam_backward(grad_z: torch.Tensor, grad_kl: torch.Tensor | None, mu: tor
     grad_mu, grad_logvar = torch.empty_like(mu), torch.empty_like(logvar)
     if B == 0 or L == 0:
         return grad_mu, grad_logvar
-    cfg = config(B, L, mu.dtype).override(BLOCK_R=block_rows, BLOCK_G=block_groups)
+    cfg = config(B, L).override(BLOCK_R=block_rows, BLOCK_G=block_groups)
     cfg = cfg._replace(blocks={name: v for name, v in cfg.blocks.items() if name != "BLOCK_L"})  # the backward has no KL pass
     seed_ptr, seed_val, seed_is_ptr = seed_args(seed, grad_mu)
     launch(_backward, (triton.cdiv(B, cfg.blocks["BLOCK_R"]),), grad_z, grad_kl if grad_kl is not None else grad_mu, mu, logvar,

@@ -39,7 +39,8 @@ def test_dry_run_reports_every_step_in_the_suites_schema(tmp_path, real_data):
         assert isinstance(s["checks"], list) and isinstance(s["details"], dict) and s["seconds"] >= 0
     assert steps["graph-engine"]["status"] == "skipped" and "CUDA" in steps["graph-engine"]["reason"]
     assert {c["name"]: c["note"] for c in steps["correctness"]["checks"]}["compute-sanitizer memcheck"] == "needs CUDA"
-    assert steps["environment"]["details"]["copy_gbps"] > 0 and "setup" in steps["environment"]["details"]
+    assert "setup" in steps["environment"]["details"]
+    assert g["copy_gbps"] == steps["bandwidth"]["details"]["copy_gbps"] > 0  # measured once, in the bandwidth step
 
     by_step = {}
     for r in doc["results"]:
@@ -106,22 +107,56 @@ def test_goals_read_the_measurements():
     assert all(x["met"] is None for x in gpu_check.goals(_doc([{"name": "graph-engine", "checks": checks}], results, dry=True)))
 
 
-def test_a_rerun_keeps_the_earlier_runs_other_steps(tmp_path):
-    path = tmp_path / "gpu.json"
+def test_a_rerun_keeps_the_earlier_runs_other_steps():
     step = lambda name, status="passed": {"name": name, "status": status, "reason": "", "checks": []}  # noqa: E731
     ref = {"name": "reference_run", "backend": "fastvae", "shape": [60000, 784, 20], "epochs": 10, "seconds": 0.9, "final_loss": 242.0, "step": "reference-run"}
     bw = {"name": "loss.fwd", "backend": "eager-best", "shape": [8, 8, 2], "step": "bandwidth"}
     old = {"device_name": "GPU", "command": "a", "date": "2026-12-01T10:00:00+00:00", "results": [ref, {**bw, "old": True}],
            "skipped": [], "gpu_check": {"dry_run": False, "steps": [step("bandwidth"), step("reference-run")]}}
-    path.write_text(json.dumps(old))
     new = {"device_name": "GPU", "command": "b", "results": [bw], "skipped": [],
            "gpu_check": {"dry_run": False, "steps": [step("bandwidth"), step("reference-run", "not-run")]}}
-    doc = gpu_check.merge_earlier(new, path, ran={"bandwidth"})
+    doc = gpu_check.judge(gpu_check.merge_earlier(new, old, ran={"bandwidth"}))
     assert doc["results"] == [ref, bw]
     assert doc["gpu_check"]["goals"][0]["value"] == "0.90 s"  # the goals see the kept records
     assert [s["status"] for s in doc["gpu_check"]["steps"]] == ["passed", "passed"] and "2026-12-01" in doc["gpu_check"]["steps"][1]["reason"]
     assert doc["command"] == "a && b"
-    assert gpu_check.merge_earlier({**new, "device_name": "other"}, path, ran={"bandwidth"})["results"] == [bw]
+    assert gpu_check.merge_earlier({**new, "device_name": "other"}, old, ran={"bandwidth"})["results"] == [bw]
+
+
+def test_kept_steps_keep_the_date_of_the_run_that_ran_them(tmp_path, monkeypatch):
+    """A run writes its results file after every step: the steps it keeps from an earlier run of the
+    day are read from that run's file as it was before this run began, so they are never labelled
+    with this run's date, and each write judges the goals once."""
+    path = tmp_path / "gpu.json"
+    earlier = {"device_name": "GPU", "command": "first", "date": "2026-12-01T08:00:00+00:00", "git_commit": "c0",
+               "results": [{"name": "reference_run", "backend": "fastvae", "shape": [60000, 784, 20], "epochs": 10, "seconds": 0.9,
+                            "final_loss": 242.0, "step": "reference-run"}], "skipped": [],
+               "gpu_check": {"dry_run": False, "steps": [gpu_check.entry("reference-run", "passed", 50, 150) | {"records": 1, "ran": "2026-12-01T08:00:00+00:00"}]}}
+    path.write_text(json.dumps(earlier))
+    state = _state(tmp_path)
+    state.args.dry_run = False
+    state.device_name, state.results_file, state.selected = "GPU", path, {"bandwidth"}
+    state.earlier = gpu_check.read_earlier(path)
+    state.meta = {"device_name": "GPU", "command": "second", "date": "2026-12-01T14:00:00+00:00", "git_commit": "c1", "torch": "2.11", "cuda": "13.0",
+                  "triton": "3.6"}
+    judged = []
+    real_goals = gpu_check.goals
+    monkeypatch.setattr(gpu_check, "goals", lambda doc: judged.append(1) or real_goals(doc))
+    for _ in range(3):  # one write per step of this run
+        state.steps["bandwidth"] = gpu_check.entry("bandwidth", "passed", 10, 90) | {"details": {"copy_gbps": 2000.0}}
+        doc = gpu_check.write(state)
+    assert len(judged) == 3  # once per write
+    on_disk = json.loads(path.read_text())
+    assert on_disk == json.loads(json.dumps(doc, default=str))
+    steps = {s["name"]: s for s in on_disk["gpu_check"]["steps"]}
+    assert steps["reference-run"]["status"] == "passed" and steps["reference-run"]["reason"] == "from the run of 2026-12-01T08:00:00+00:00"
+    assert steps["bandwidth"]["ran"] == "2026-12-01T14:00:00+00:00" and on_disk["gpu_check"]["copy_gbps"] == 2000.0
+    assert on_disk["command"] == "first && second" and on_disk["results"][0]["seconds"] == 0.9
+    # a third run of the day keeps the first run's date for the step neither later run ran
+    state.earlier, state.meta = gpu_check.read_earlier(path), {**state.meta, "command": "third", "date": "2026-12-01T20:00:00+00:00"}
+    steps = {s["name"]: s for s in gpu_check.write(state)["gpu_check"]["steps"]}
+    assert steps["reference-run"]["reason"] == "from the run of 2026-12-01T08:00:00+00:00"
+    assert steps["bandwidth"]["ran"] == "2026-12-01T20:00:00+00:00"
 
 
 @pytest.mark.parametrize("steps,ok", [("bandwidth,reference-run", True), ("bandwidth,nope", False)])

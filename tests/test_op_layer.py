@@ -523,11 +523,3 @@ def test_real_backends_flag_bad_values(monkeypatch, backend, case):
     if case in ("inf-mu", "logvar-high"):
         with pytest.raises(ValueError, match=message):
             reparameterize(mu, logvar, backend=backend)
-
-
-def test_flag_bits_agree_with_the_triton_kernels():
-    """kernels/_common.py mirrors fastvae/_checks.py's FLAG_* (csrc/flags.h: tests/test_cpp_ops.py)."""
-    from fastvae.kernels import _common
-
-    for name in ("FLAG_LOGITS_NONFINITE", "FLAG_X_NONFINITE", "FLAG_X_RANGE", "FLAG_MU_NONFINITE", "FLAG_LOGVAR_NONFINITE", "FLAG_LOGVAR_HIGH"):
-        assert getattr(_common, name) == getattr(_checks, name)

@@ -77,11 +77,3 @@ def test_missing_triton_is_a_clear_import_error(monkeypatch):
         _triton.load_kernels("loss")
     with pytest.raises(ValueError, match="op must be one of"):
         _triton.load_kernels("conv")
-
-
-def test_flag_bits_agree_with_the_python_layer():
-    from fastvae import _checks
-    from fastvae.kernels import _common
-    names = [n for n in dir(_checks) if n.startswith("FLAG_")]
-    assert names and all(getattr(_common, n) == getattr(_checks, n) for n in names)
-    assert _common.MAX_LOGVAR == _checks.MAX_LOGVAR

@@ -206,11 +206,10 @@ def test_padding_lanes_never_flag(rows, groups):
 
 @pytest.mark.parametrize("batch", [1, 128, 4099, 65536])
 @pytest.mark.parametrize("latent", [1, 3, 20, 33, 256])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_gpu_launch_configuration(batch, latent, dtype):
+def test_gpu_launch_configuration(batch, latent):
     """What a GPU launch uses (compiled by .ci/check_triton_compile.py): programs of whole groups of
     4 rows, one group of 4 contiguous elements per thread (no Philox call repeated across threads)."""
-    cfg = kernels.config(batch, latent, dtype, interpreted=False)
+    cfg = kernels.config(batch, latent, interpreted=False)
     assert cfg.blocks["BLOCK_R"] % 4 == 0
     assert cfg.blocks["BLOCK_G"] == 32 * cfg.num_warps
     assert cfg.blocks["BLOCK_R"] * cfg.blocks["BLOCK_L"] <= max(1024, 16 * cfg.blocks["BLOCK_R"])

@@ -73,11 +73,8 @@ def launches(call, *args, **kwargs) -> list:
     """The launches a kernel wrapper makes (kernel, grid, args, kwargs), recorded instead of run."""
     from fastvae.kernels import _common
 
-    _common._recorder = calls = []
-    try:
+    with _common.recording() as calls:
         call(*args, **kwargs)
-    finally:
-        _common._recorder = None
     return calls
 
 

@@ -9,7 +9,11 @@ old-style ``.data.new().normal_()``, or ``Normal(mu, std).rsample()``; MLP and c
 encoders and decoders (28x28x1 to 64x64x3), sigmoid as a function or a module followed by a
 reshape or a crop, tanh, raw logits; BCE-sum + KLD-sum, divided by the batch or not, the
 default mean BCE, BCE with logits, MSE sum or mean with kld_weight / beta, a capacity |KL - C|,
-KLD averaged over the batch, the loss inside forward and in a model method.
+KLD averaged over the batch, the loss inside forward and in a model method; legacy
+``Variable(std.data.new(size).normal_())`` noise; a latent-diffusion style convolutional KL
+autoencoder (latents (B, C, H, W), a posterior object with a clamped log-variance, ``sample()``
+and ``kl()``, L1 reconstruction), trained through its forward or through ``encode`` / a
+posterior's ``sample()`` / ``decode`` / ``kl()`` as diffusers' training scripts do (``METHOD_CASES``).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import Variable
 from torch.distributions import Normal, kl_divergence
 
 
@@ -359,6 +364,88 @@ def logstd_loss(model, batch, out):
     return rec + kld
 
 
+# 12. legacy noise: Variable(std.data.new(std.size()).normal_()), eps.mul(std).add_(mu) (old course repositories) ---
+class LegacyVariableMLP(nn.Module):
+    def __init__(self, latent_dim=20):
+        super().__init__()
+        self.fc1 = nn.Linear(784, 400)
+        self.fc21 = nn.Linear(400, latent_dim)
+        self.fc22 = nn.Linear(400, latent_dim)
+        self.fc3 = nn.Linear(latent_dim, 400)
+        self.fc4 = nn.Linear(400, 784)
+        self.sigmoid = nn.Sigmoid()
+
+    def reparametrize(self, mu, logvar):
+        std = logvar.mul(0.5).exp_()
+        eps = Variable(std.data.new(std.size()).normal_())
+        return eps.mul(std).add_(mu)
+
+    def forward(self, x):
+        h1 = F.relu(self.fc1(x.view(-1, 784)))
+        mu, logvar = self.fc21(h1), self.fc22(h1)
+        z = self.reparametrize(mu, logvar)
+        return self.sigmoid(self.fc4(F.relu(self.fc3(z)))), mu, logvar
+
+
+# 13. latent-diffusion style conv KL autoencoder (CompVis ldm / diffusers layout, small) ---------------------------
+class DiagonalGaussian:
+    """The posterior as latent-diffusion code writes it: mean / logvar halves of one conv output, the
+    log-variance clamped to [-30, 20], std and var computed up front, sample() and kl()."""
+
+    def __init__(self, parameters):
+        self.parameters = parameters
+        self.mean, self.logvar = torch.chunk(parameters, 2, dim=1)
+        self.logvar = torch.clamp(self.logvar, -30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self):
+        return self.mean + self.std * torch.randn(self.mean.shape, device=self.parameters.device, dtype=self.parameters.dtype)
+
+    def kl(self):
+        return 0.5 * torch.sum(torch.pow(self.mean, 2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
+
+    def mode(self):
+        return self.mean
+
+
+class LDMConv(nn.Module):
+    """64x64x3 -> latents 4x16x16 (two stride-2 convs), GroupNorm + SiLU, quant_conv / post_quant_conv 1x1."""
+
+    def __init__(self, channels=(32, 64), latent_channels=4):
+        super().__init__()
+        c1, c2 = channels
+        self.encoder = nn.Sequential(nn.Conv2d(3, c1, 3, padding=1), nn.GroupNorm(8, c1), nn.SiLU(),
+                                     nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.GroupNorm(8, c2), nn.SiLU(),
+                                     nn.Conv2d(c2, c2, 3, stride=2, padding=1), nn.GroupNorm(8, c2), nn.SiLU(),
+                                     nn.Conv2d(c2, 2 * latent_channels, 3, padding=1))
+        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
+        self.decoder = nn.Sequential(nn.Conv2d(latent_channels, c2, 3, padding=1), nn.GroupNorm(8, c2), nn.SiLU(),
+                                     nn.Upsample(scale_factor=2.0), nn.Conv2d(c2, c2, 3, padding=1), nn.GroupNorm(8, c2), nn.SiLU(),
+                                     nn.Upsample(scale_factor=2.0), nn.Conv2d(c2, c1, 3, padding=1), nn.GroupNorm(8, c1), nn.SiLU(),
+                                     nn.Conv2d(c1, 3, 3, padding=1))
+
+    def encode(self, x):
+        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z):
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x, sample_posterior=True):
+        posterior = self.encode(x)
+        z = posterior.sample() if sample_posterior else posterior.mode()
+        return self.decode(z), posterior
+
+
+def ldm_loss(model, batch, out, kl_weight=1e-6):
+    """The latent-diffusion autoencoder loss without its GAN and perceptual terms: L1 + kl_weight * KL / batch."""
+    dec, posterior = out
+    x = batch[0]
+    rec = torch.abs(x - dec).sum() / x.shape[0]
+    return rec + kl_weight * posterior.kl().sum() / x.shape[0]
+
+
 @dataclasses.dataclass
 class Case:
     name: str
@@ -369,6 +456,14 @@ class Case:
     patterns: str
     inputs: str = "image"  # "image", "dict" or "labels"
     signed: bool = False  # data in [-1, 1] (tanh decoders)
+    likelihood: str | None = None  # what the user's loss trains, where the decoder's structure leaves it open (raw logits)
+    fit: bool = True  # whether fastvae.fit trains the user's objective (not an L1 loss, a dict batch, a step through methods)
+    bench_batch: int = 128  # the benchmark's batch
+    method_step: Callable[[nn.Module, tuple], torch.Tensor] | None = None  # a step through methods, never forward: the loss
+
+    def step_loss(self, model: nn.Module, batch: tuple) -> torch.Tensor:
+        """One training step's loss as the user's loop computes it."""
+        return self.method_step(model, batch) if self.method_step is not None else self.loss(model, batch, model(*batch))
 
     def batch(self, n: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> tuple:
         """The forward's positional arguments for a batch of n."""
@@ -392,7 +487,7 @@ CASES = [
     Case("dict_batch_mlp", DictBatchMLP, (1, 28, 28), "mlp", dict_loss,
          "dict batch and dict output, slices, std (softplus) instead of logvar, torch.randn(size), MSE-sum + beta KLD", inputs="dict"),
     Case("distributions_mlp", DistributionsMLP, (1, 28, 28), "mlp", distributions_loss,
-         "Normal(mu, exp(log_scale)).rsample(), dataclass output, raw logits, BCE with logits + kl_divergence"),
+         "Normal(mu, exp(log_scale)).rsample(), dataclass output, raw logits, BCE with logits + kl_divergence", likelihood="bernoulli"),
     Case("conditional_mlp", ConditionalMLP, (1, 28, 28), "mlp", conditional_loss,
          "labels argument, in-place sampling, nested (x_hat, (mu, logvar), z), BCE / batch + KLD averaged over the batch", inputs="labels"),
     Case("loss_in_forward_mlp", LossInForwardMLP, (1, 28, 28), "mlp", in_forward_loss,
@@ -402,9 +497,60 @@ CASES = [
     Case("vanilla_conv64", VanillaConv64, (3, 64, 64), "conv", vanilla_loss,
          "PyTorch-VAE style conv 64x64x3 with BatchNorm, list [recons, input, mu, log_var], loss_function method, tanh, MSE mean", signed=True),
     Case("capacity_conv64", CapacityConv64, (1, 64, 64), "conv", capacity_loss,
-         "conv 64x64x1, slices of one Linear, logvar.div(2).exp(), raw logits, BCE-with-logits / batch + gamma |KL - C|"),
+         "conv 64x64x1, slices of one Linear, logvar.div(2).exp(), raw logits, BCE-with-logits / batch + gamma |KL - C|",
+         likelihood="bernoulli"),
     Case("crop_conv28", CropConv28, (1, 28, 28), "conv", crop_loss,
          "conv 28x28x1, 32x32 decoder + nn.Sigmoid + crop, nn.BCELoss(reduction='sum') module"),
     Case("logstd_conv32", LogStdConv32, (3, 32, 32), "conv", logstd_loss,
          "conv 32x32x3, torch.chunk log-std head, F.sigmoid, default mean BCE scaled by pixels, KLD averaged over the batch"),
+    Case("legacy_variable_mlp", LegacyVariableMLP, (1, 28, 28), "mlp", examples_loss,
+         "Variable(std.data.new(std.size()).normal_()) noise, eps.mul(std).add_(mu), nn.Sigmoid module, BCE-sum + KLD-sum"),
+    Case("ldm_conv", LDMConv, (3, 64, 64), "conv", ldm_loss,
+         "latent-diffusion conv KL autoencoder: latents 4x16x16, posterior object (clamped logvar, sample(), kl()), "
+         "forward returns (dec, posterior), L1 + kl_weight * posterior.kl()", signed=True, bench_batch=8, fit=False),
 ]
+
+
+def ldm_method_step(model, batch):
+    """The latent-diffusion training loop's step through methods (never forward): encode, the posterior's
+    sample(), decode, and its kl() in the loss."""
+    posterior = model.encode(batch[0])
+    z = posterior.sample()
+    return ldm_loss(model, batch, (model.decode(z), posterior))
+
+
+METHOD_CASES = [
+    Case("ldm_conv_methods", LDMConv, (3, 64, 64), "conv", ldm_loss,
+         "the ldm_conv model trained through encode / posterior.sample() / decode / posterior.kl()", signed=True, bench_batch=8,
+         method_step=ldm_method_step, fit=False),
+]
+
+# diffusers' AutoencoderKL at a small configuration, built from a config dict (never from the Hub): latents 4x32x32 at 64x64
+DIFFUSERS_CONFIG = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+                    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"], "block_out_channels": [32, 64],
+                    "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 32, "sample_size": 64}
+
+
+def diffusers_vae() -> nn.Module:
+    from diffusers import AutoencoderKL
+    return AutoencoderKL.from_config(DIFFUSERS_CONFIG)
+
+
+def diffusers_step(vae, batch, kl_weight=1e-6):
+    """diffusers' VAE fine-tuning step: encode(x).latent_dist, its sample(), decode(z).sample, MSE + kl_weight * kl()."""
+    x = batch[0]
+    posterior = vae.encode(x).latent_dist
+    z = posterior.sample()
+    pred = vae.decode(z).sample
+    return F.mse_loss(pred, x, reduction="mean") + kl_weight * posterior.kl().mean()
+
+
+def diffusers_cases() -> list[Case]:
+    """The diffusers model as a step through methods, where diffusers is installed (an optional test dependency)."""
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        return []
+    return [Case("diffusers_autoencoder_kl", diffusers_vae, (3, 64, 64), "conv", lambda model, batch, out: out,
+                 "diffusers' AutoencoderKL (small config): encode(x).latent_dist.sample(), decode(z).sample, MSE + kl()",
+                 signed=True, bench_batch=8, method_step=diffusers_step, fit=False)]

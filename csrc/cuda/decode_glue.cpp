@@ -7,8 +7,7 @@ void to_image(const at::Tensor& values, at::Tensor& out, bool from_logits) {
   at::Tensor target = check_to_image(values, out, at::kCUDA);
   const c10::cuda::CUDAGuard guard(values.device());
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "fastvae_to_image_cuda", [&] {
-    auto run = [&](auto* dst) { check_launch(launch_to_image(values.data_ptr<scalar_t>(), dst, values.numel(), from_logits, stream())); };
-    if (target.scalar_type() == at::kByte) run(target.data_ptr<uint8_t>()); else run(target.data_ptr<scalar_t>());
+    check_launch(launch_to_image(values.data_ptr<scalar_t>(), target.data_ptr<uint8_t>(), values.numel(), from_logits, stream()));
   });
   if (!target.is_same(out)) out.copy_(target);
 }

@@ -48,8 +48,9 @@ template <typename T, typename G>
 cudaError_t launch_scale_grads(const G* grad_out, bool per_row, const ScaledTensors<T>& tensors, int max_blocks,
                                cudaStream_t stream);
 
-template <typename T, typename O>
-cudaError_t launch_to_image(const T* values, O* out, int64_t n, bool from_logits, cudaStream_t stream);
+// uint8 pixels of sigmoid(values) (from_logits) or values.
+template <typename T>
+cudaError_t launch_to_image(const T* values, uint8_t* out, int64_t n, bool from_logits, cudaStream_t stream);
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;

@@ -21,22 +21,20 @@ from ..ops.loss import LIKELIHOODS, LossTerms, loss_terms
 from .accelerate import Dropin, accelerate, analyse_now, collecting
 from .output import DecoderOutput
 from .plan import Refused
-
-
-def _at(out: Any, path: tuple) -> Any:
-    for key in path:
-        out = getattr(out, key) if not isinstance(out, (dict, list, tuple)) else out[key]
-    return out
+from .trace import at
 
 
 class DropinModel(LatentModel):
     """A user's VAE module (forward(x) or forward(x, labels)) as a LatentModel for fastvae.Trainer.
 
     input_shape: one sample's shape as the module takes it (e.g. (1, 28, 28)); batches arrive
-    flattened, uint8 pixels read as x / 255. likelihood: "bernoulli" (default for decoders
-    ending in a sigmoid or raw logits) or "gaussian" (default otherwise: squared error on the
-    decoder's output). example: one batch the parts are found on (needed unless the module was
-    already accelerated and has run).
+    flattened, uint8 pixels read as x / 255. likelihood: "bernoulli" (BCE from the logits) or
+    "gaussian" (squared error on the decoder's output); by default the one the decoder's structure
+    implies (a sigmoid or a Bernoulli: "bernoulli"; a tanh, a Normal or an MSE in the forward:
+    "gaussian"); where it implies none (a layer's raw output, which may be logits or a mean; a
+    clamp; a Normal with a learned scale) it must be given, or the model is refused with the
+    reason. example: one batch the parts are found on (needed unless the module was already
+    accelerated and has run).
     """
 
     name = "dropin"
@@ -57,18 +55,24 @@ class DropinModel(LatentModel):
         self.latent_dim = math.prod(plan.sampling.shape[1:])
         self.backend = state.backend
         self.conditional = conditional
-        returned = [o for o in plan.outputs if o.path is not None]
+        if plan.sampling.segment != "forward":
+            raise Refused(f"fastvae.fit trains a module through its forward(x); this model draws its sample in {plan.sampling.segment}() "
+                          "outside the forward: train it with your own loop (fastvae.accelerate serves it there)")
+        returned = [o for o in plan.outputs if o.path is not None and o.segment == "forward"]
         if not returned:
             raise Refused("fastvae.fit: the forward returns no decoder output (a tensor computed from z with as many values as an input); "
                           "return the reconstruction from forward")
         self.output = next((o for o in returned if o.wrapped), returned[0])
-        default = "bernoulli" if self.output.wrapped else "gaussian"
-        self.likelihood = likelihood or default
+        implied, why = self.output.likelihood()
+        if likelihood is None and implied is None:
+            raise Refused(f"fastvae.fit cannot tell which likelihood this model implies: {why}")
+        self.likelihood = likelihood or implied
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
         if self.likelihood == "bernoulli" and not self.output.wrapped:
+            ends = {"tanh": "tanh", "other": self.output.last_op}.get(self.output.kind, self.output.kind)
             raise Refused(f"fastvae.fit: likelihood='bernoulli' needs a decoder ending in a sigmoid or raw logits; this one ends in "
-                          f"{self.output.kind} ({self.output.logits}); use likelihood='gaussian'")
+                          f"{ends} ({self.output.logits}); use likelihood='gaussian'")
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict:
         """The user's module's own state_dict (checkpoints load into it as they are)."""
@@ -99,7 +103,7 @@ class DropinModel(LatentModel):
             if "mu" not in state.slots:
                 raise RuntimeError("fastvae.fit: the module's forward did not run its sampling as on the first batch (is it in eval mode?)")
             mu, logvar = state.slots["mu"], state.logvar()
-        rec = _at(out, self.output.path)
+        rec = at(out, self.output.path)
         if self.likelihood == "bernoulli":
             if not isinstance(rec, DecoderOutput) or rec._fastvae_logits is None:
                 raise RuntimeError("fastvae.fit: the decoder output did not carry its logits on this forward")

@@ -119,14 +119,63 @@ class Call:
     args: tuple
     kwargs: dict
     inputs: list[int]
+    paths: list[tuple]  # where each input sits in (args, kwargs)
     outputs: list[int]
     mutates: int | None  # the value overwritten in place (its object is the output)
     where: str
     module: str
 
 
+@dataclasses.dataclass
+class Segment:
+    """One recorded top-level call of a training step: the model's forward or one of its public
+    methods (``owner`` None), or a method of an object such a call returned (``owner``: the
+    producing segment's index and the object's path in its output), e.g. a posterior's sample()."""
+
+    name: str  # "forward", "encode", "encode.latent_dist.sample"
+    method: str
+    owner: tuple[int, tuple] | None
+    cls: type | None  # the owner object's class
+    plain: tuple  # the call's non-tensor arguments (a later call must pass the same to be replaced)
+    attrs: dict[str, int]  # the owner object's tensor attributes at the call: name -> value
+    state: tuple  # the owner object's other attributes at the call (a later owner must hold the same)
+    calls: list[int] = dataclasses.field(default_factory=list)  # [first, end) call indices
+    events: list[int] = dataclasses.field(default_factory=list)  # [first, end) event positions
+    inputs: list[tuple[tuple, int]] = dataclasses.field(default_factory=list)  # (path in (args, kwargs), value)
+    outputs: list[tuple[tuple, int]] = dataclasses.field(default_factory=list)  # (path in the returned structure, value)
+    holders: dict[tuple, str] = dataclasses.field(default_factory=dict)  # output path -> the torch.distributions class holding it
+
+
+def plain_args(args: tuple, kwargs: dict) -> tuple:
+    """The non-tensor arguments of a call, comparable with ==."""
+    def norm(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return "<tensor>"
+        if isinstance(x, (list, tuple)):
+            return tuple(norm(i) for i in x)
+        if isinstance(x, dict):
+            return tuple(sorted((str(k), norm(v)) for k, v in x.items()))
+        return x if isinstance(x, (int, float, str, bool, type(None))) else f"<{type(x).__name__}>"
+    return norm((args, kwargs))
+
+
+def plain_state(obj: Any) -> tuple:
+    """An object's non-tensor, non-callable attributes, comparable with == (None for the model itself)."""
+    if obj is None:
+        return ()
+    return tuple(sorted((k, plain_args((v,), {})) for k, v in vars(obj).items()
+                        if not isinstance(v, (torch.Tensor, torch.Size)) and not callable(v)))  # shapes follow the batch
+
+
+def _geometry(t: torch.Tensor) -> tuple | None:
+    try:
+        return (t.device, t.dtype, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 class Trace:
-    """The record of one forward: calls, values, events, the forward's inputs and output."""
+    """The record of one training step: calls, values, events, and the segments (top-level calls) they belong to."""
 
     def __init__(self, names: dict[nn.Module, str]) -> None:
         self.names = names
@@ -134,14 +183,30 @@ class Trace:
         self.values: list[Value] = []
         self.events: list[tuple[str, Any]] = []  # ("call", index) | ("enter", module name) | ("exit", module name)
         self.current: dict[int, int] = {}  # id(tensor) -> its latest value
+        self.storage: dict[tuple, int] = {}  # a value's memory and geometry -> the value (to know its aliases)
+        self.aliases: list[torch.Tensor] = []  # tensors made outside torch's functions that alias a value (Variable(t))
         self.stack: list[str] = []
-        self.inputs: list[tuple[tuple, int]] = []  # (path in (args, kwargs), value)
-        self.outputs: list[tuple[tuple, int]] = []  # (path in the returned structure, value)
+        self.segments: list[Segment] = []
         self.kinds: dict[int, str] = {}
+
+    @property
+    def inputs(self) -> list[tuple[tuple, int]]:
+        """The data the step was fed: the tensor arguments of the model's own calls that no recorded call made."""
+        return [(p, v) for s in self.segments if s.owner is None for p, v in s.inputs if self.values[v].origin == "input"]
+
+    @property
+    def outputs(self) -> list[tuple[tuple, int]]:
+        """Every tensor the step's calls returned, with its path in its call's result."""
+        return [(p, v) for s in self.segments for p, v in s.outputs]
 
     def value_of(self, t: torch.Tensor, origin: str = "other") -> int:
         vid = self.current.get(id(t))
         if vid is None:
+            known = self.storage.get(_geometry(t))
+            if known is not None and self.values[known].tensor.requires_grad == t.requires_grad:
+                self.current[id(t)] = known  # e.g. torch.autograd.Variable(t): the same numbers, made outside torch's functions
+                self.aliases.append(t)
+                return known
             vid = self._new(t, None, self.kinds.get(id(t), origin))
         return vid
 
@@ -149,12 +214,16 @@ class Trace:
         vid = len(self.values)
         self.values.append(Value(vid, t, producer, origin))
         self.current[id(t)] = vid
+        key = _geometry(t)
+        if key is not None:
+            self.storage[key] = vid
         return vid
 
     def record(self, func: Any, args: tuple, kwargs: dict) -> Any:
         key = func_key(func)
         index = len(self.calls)
-        inputs = [self.value_of(t) for _, t in tensors_in((args, kwargs))]
+        found = list(tensors_in((args, kwargs)))
+        inputs = [self.value_of(t) for _, t in found]
         target = _mutated(key, args, kwargs)
         mutates = None
         if target is not None:
@@ -166,13 +235,17 @@ class Trace:
         outputs = [self._new(t, index, "call") for _, t in tensors_in(out)]
         for vid in set(inputs):
             self.values[vid].consumers.append(index)
-        self.calls.append(Call(index, key, args, kwargs, inputs, outputs, mutates, user_frame(), self.stack[-1] if self.stack else ""))
+        self.calls.append(Call(index, key, args, kwargs, inputs, [p for p, _ in found], outputs, mutates, user_frame(),
+                               self.stack[-1] if self.stack else ""))
         self.events.append(("call", index))
         return out
 
+    def segment_of(self, call: int) -> Segment | None:
+        return next((s for s in self.segments if s.calls[0] <= call < s.calls[1]), None)
+
     def drop(self) -> None:
         """Release every recorded tensor."""
-        self.calls, self.values, self.current = [], [], {}
+        self.calls, self.values, self.current, self.storage, self.aliases = [], [], {}, {}, []
 
 
 class Recorder(TorchFunctionMode):
@@ -187,45 +260,108 @@ class Recorder(TorchFunctionMode):
 
 
 class Recording:
-    """Switched on by the root module's pre-hook and off by its forward hook: records the forward
-    between them (submodule hooks for the events, a Recorder for the calls)."""
+    """The record of a model's first training step, one segment at a time: ``enter`` (the root's
+    pre-hook, or the wrapper of a public method or of a returned object's method) switches a
+    Recorder on and hooks the submodules (their entries and exits are events), ``exit`` undoes both."""
 
-    def __init__(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
         self.trace = Trace({m: n for n, m in model.named_modules()})
         for name, p in model.named_parameters():
             self.trace.kinds[id(p)] = "parameter"
         for name, b in model.named_buffers():
             self.trace.kinds[id(b)] = "buffer"
-        self.trace.inputs = [(path, self.trace.value_of(t, "input")) for path, t in tensors_in((args, kwargs))]
-        self.handles = []
-        for module, name in self.trace.names.items():
-            if module is model:
-                continue
-            self.handles.append(module.register_forward_pre_hook(self._enter(name)))
-            self.handles.append(module.register_forward_hook(self._exit(name), always_call=True))
-        self.mode = Recorder(self.trace)
-        self.mode.__enter__()
+        self.handles: list[Any] = []
+        self.mode: Recorder | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.mode is not None
 
     def _enter(self, name: str):
         def hook(module, args):
-            self.trace.events.append(("enter", name))
-            self.trace.stack.append(name)
+            if self.mode is not None:
+                self.trace.events.append(("enter", name))
+                self.trace.stack.append(name)
         return hook
 
     def _exit(self, name: str):
         def hook(module, args, output):
-            self.trace.events.append(("exit", name))
-            if self.trace.stack:
-                self.trace.stack.pop()
+            if self.mode is not None:
+                self.trace.events.append(("exit", name))
+                if self.trace.stack:
+                    self.trace.stack.pop()
         return hook
 
-    def finish(self, output: Any) -> Trace:
-        """Stop recording (idempotent); note the forward's output."""
+    def enter(self, name: str, method: str, args: tuple, kwargs: dict, owner: tuple[int, tuple] | None = None,
+              obj: Any = None) -> None:
+        """Start recording a segment (a call with these arguments)."""
+        t = self.trace
+        attrs = {}
+        if obj is not None:
+            attrs = {k: t.value_of(v) for k, v in vars(obj).items() if isinstance(v, torch.Tensor)}
+        seg = Segment(name, method, owner, type(obj) if obj is not None else None, plain_args(args, kwargs), attrs,
+                      plain_state(obj), [len(t.calls)], [len(t.events)])
+        seg.inputs = [(path, t.value_of(x, "input")) for path, x in tensors_in((args, kwargs))]
+        t.segments.append(seg)
+        for module, module_name in t.names.items():
+            if module is not self.model:
+                self.handles.append(module.register_forward_pre_hook(self._enter(module_name)))
+                self.handles.append(module.register_forward_hook(self._exit(module_name), always_call=True))
+        self.mode = Recorder(t)
+        self.mode.__enter__()
+
+    def exit(self, output: Any) -> Segment:
+        """Stop recording the current segment; note what it returned."""
+        t = self.trace
         if self.mode is not None:
             self.mode.__exit__(None, None, None)
             self.mode = None
-            for h in self.handles:
-                h.remove()
-            if output is not None:
-                self.trace.outputs = [(path, self.trace.value_of(t)) for path, t in tensors_in(output, objects=True)]
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        seg = t.segments[-1]
+        seg.calls.append(len(t.calls))
+        seg.events.append(len(t.events))
+        t.stack.clear()
+        if output is not None:
+            seg.outputs = [(path, t.value_of(x)) for path, x in tensors_in(output, objects=True)]
+            for path, _ in seg.outputs:
+                holder = at(output, path[:-1]) if path else None
+                if isinstance(holder, torch.distributions.Distribution):
+                    seg.holders[path] = type(holder).__name__
+        return seg
+
+    def finish(self) -> Trace:
+        """End the record (idempotent); the trace holds the recorded tensors until it is dropped."""
+        if self.mode is not None:
+            self.exit(None)
         return self.trace
+
+
+def at(out: Any, path: tuple) -> Any:
+    """The item at `path` in a call's result (indices and keys of containers, attributes of objects)."""
+    for key in path:
+        out = out[key] if isinstance(out, (dict, list, tuple)) else getattr(out, key)
+    return out
+
+
+def objects_in(obj: Any, depth: int = 0) -> Iterator[tuple[tuple, Any]]:
+    """(path, object) for the plain objects in a call's result (a posterior, a torch.distributions
+    object): not tensors, containers, dataclasses or modules; paths as ``tensors_in`` writes them."""
+    if isinstance(obj, (torch.Tensor, nn.Module, type, str, bytes, int, float, bool)) or obj is None or depth > 4:
+        return
+    if isinstance(obj, (list, tuple)):
+        items: Any = enumerate(obj)
+    elif isinstance(obj, dict):
+        items = obj.items()
+    elif dataclasses.is_dataclass(obj):
+        items = ((f.name, getattr(obj, f.name, None)) for f in dataclasses.fields(obj))
+    elif hasattr(obj, "__dict__"):
+        yield (), obj
+        return
+    else:
+        return
+    for key, item in items:
+        for path, o in objects_in(item, depth + 1):
+            yield (key, *path), o

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from .. import _checks
-from ..iwae import LogWeights, neg_log_normal, recon_rows
+from ..iwae import LogWeights, neg_log_normal, recon_rows, repeat
 from ..model import MLPDecoder, MLPEncoder
 from ..ops.decode import decode_latents
 from ..ops.loss import LossTerms, _reduce, loss_terms
@@ -91,10 +91,10 @@ class HierarchicalVAE(LatentModel):
         z2 = reparameterize(mu2, logvar2, k=k, seed=None if seed is None else seed + 1, backend=self.backend)
         b = mu1.shape[0]
         prior_mu, prior_logvar = (t.view(k, b, -1) for t in self.prior_net(z2.reshape(k * b, -1)))
-        recon = recon_rows(self, self.decoder(z1.reshape(k * b, -1)), target.unsqueeze(0).expand(k, *target.shape).reshape(k * b, -1)).view(k, b)
+        recon = recon_rows(self, self.decoder(z1.reshape(k * b, -1)), repeat(target, k)).view(k, b)
         z1, z2, mu1, logvar1, mu2, logvar2, prior_mu, prior_logvar = map(_checks.accumulate, (z1, z2, mu1, logvar1, mu2, logvar2, prior_mu, prior_logvar))
         log_ratio = neg_log_normal(z1, mu1, logvar1) + neg_log_normal(z2, mu2, logvar2) - neg_log_normal(z1, prior_mu, prior_logvar) - neg_log_normal(z2)
-        lower = gaussian_kl(mu1.detach().expand(k, b, -1).reshape(k * b, -1), logvar1.detach().expand(k, b, -1).reshape(k * b, -1),
+        lower = gaussian_kl(repeat(mu1.detach(), k), repeat(logvar1.detach(), k),
                             prior_mu.detach().reshape(k * b, -1), prior_logvar.detach().reshape(k * b, -1)).view(k, b)
         return LogWeights(-recon + beta * log_ratio, recon, kl_rows_reference(mu2.detach(), logvar2.detach()) + lower.mean(0))
 
