@@ -37,6 +37,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from . import _checks
+
 FRACTION = 0.5  # stream when the data take more than this fraction of the device's free memory
 _MASK64 = (1 << 64) - 1
 
@@ -546,8 +548,6 @@ def source(data: Any, *, input_dim: int, likelihood: str, batch_size: int, devic
     if isinstance(data, torch.Tensor) or is_shardset(data):
         shardset = is_shardset(data)
         if isinstance(data, torch.Tensor):
-            from .trainer import prepare_data
-
             if data.dim() < 2 or data.shape[0] == 0:
                 raise ValueError(f"images must be a non-empty batch (N, ...), got shape {tuple(data.shape)}")
             fits_model(tuple(data.shape[1:]), "images")
@@ -593,6 +593,25 @@ def source(data: Any, *, input_dim: int, likelihood: str, batch_size: int, devic
         return Streamed(reader, batch_size, device, rank=rank, world=world, prefetch=prefetch, threads=threads, why="a Dataset, read each epoch")
     raise TypeError(f"data must be a torch.Tensor of images, a shard set (fastvae.data.open), a torch.utils.data.Dataset or a DataLoader; "
                     f"got {type(data).__name__}")
+
+
+def prepare_data(images: torch.Tensor, input_dim: int, likelihood: str) -> torch.Tensor:
+    """Validate a dataset once and flatten it to (N, input_dim), keeping uint8 as uint8."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if images.dim() < 2 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty batch (N, ...), got shape {tuple(images.shape)}")
+    if math.prod(images.shape[1:]) != input_dim:
+        raise ValueError(f"images have {math.prod(images.shape[1:])} features per sample but the model's input_dim is {input_dim}; build the model with input_dim={math.prod(images.shape[1:])}")
+    flat = images.reshape(images.shape[0], input_dim)
+    if flat.dtype == torch.uint8:
+        return flat
+    _checks.floating("images", flat)
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError("images contain NaN or Inf; clean the data before training")
+    if likelihood == "bernoulli" and bool(((flat < 0) | (flat > 1)).any()):
+        raise ValueError("images must lie in [0, 1] for the Bernoulli likelihood; rescale them or use likelihood='gaussian'")
+    return flat
 
 
 def _load(data: Any, device: torch.device) -> torch.Tensor:

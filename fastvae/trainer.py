@@ -91,25 +91,6 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
-def prepare_data(images: torch.Tensor, input_dim: int, likelihood: str) -> torch.Tensor:
-    """Validate a dataset once and flatten it to (N, input_dim), keeping uint8 as uint8."""
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
-    if images.dim() < 2 or images.shape[0] == 0:
-        raise ValueError(f"images must be a non-empty batch (N, ...), got shape {tuple(images.shape)}")
-    if math.prod(images.shape[1:]) != input_dim:
-        raise ValueError(f"images have {math.prod(images.shape[1:])} features per sample but the model's input_dim is {input_dim}; build the model with input_dim={math.prod(images.shape[1:])}")
-    flat = images.reshape(images.shape[0], input_dim)
-    if flat.dtype == torch.uint8:
-        return flat
-    _checks.floating("images", flat)
-    if not bool(torch.isfinite(flat).all()):
-        raise ValueError("images contain NaN or Inf; clean the data before training")
-    if likelihood == "bernoulli" and bool(((flat < 0) | (flat > 1)).any()):
-        raise ValueError("images must lie in [0, 1] for the Bernoulli likelihood; rescale them or use likelihood='gaussian'")
-    return flat
-
-
 def prepare_labels(model: nn.Module, labels: torch.Tensor | None, n: int) -> torch.Tensor | None:
     """Check the labels against the model (``model.conditional``) and the data set, once."""
     conditional = getattr(model, "conditional", False)
@@ -240,7 +221,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self._emit = callbacks_.Dispatch(self, self.callbacks + ([callbacks_.EpochFunction(on_epoch)] if on_epoch else []))
         self._graph = graphs.engine(self)
-        # The data was validated once (prepare_data): no separate Python value passes per step. The fused kernels'
+        # The data was validated once (stream.prepare_data): no separate Python value passes per step. The fused kernels'
         # flags stay on (they cost nothing) and are read at every logging step (_check_values), on CPU too.
         self._checked_step = self.step
         _checks.clear_flags(self.device)  # only this run's steps are reported
