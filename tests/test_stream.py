@@ -428,3 +428,15 @@ def test_cuda_streaming_feeds_the_captured_graph_and_matches_resident(tmp_path):
     assert streamed.source.host.is_pinned() and not streamed._graph.gathers and streamed._graph.graph is not None
     for (name, p), q in zip(resident.model.state_dict().items(), streamed.model.state_dict().values()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_callbacks_see_the_first_inputs_of_a_streamed_set(tmp_path):
+    from fastvae import callbacks
+
+    images, labels = _images(), torch.arange(N) % 3
+    ds = _write(tmp_path, images, labels=labels.numpy())
+    cvae = fastvae.models.ConditionalVAE(input_dim=SIDE * SIDE, num_classes=3, hidden_dims=(8,), latent_dim=2)
+    trainer = fastvae.Trainer(cvae, ds, fastvae.TrainConfig(stream=True, progress=False), device="cpu")
+    assert trainer.data is None and trainer.sample_shape == (1, SIDE, SIDE)
+    rows, first = callbacks.first_inputs(trainer, 5)
+    assert torch.equal(rows, images[:5].reshape(5, -1)) and torch.equal(first, labels[:5])
