@@ -308,11 +308,13 @@ def image_layout(trainer: Run) -> Callable[..., torch.Tensor] | None:
 
 
 def first_inputs(trainer: Run, n: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """The first n training inputs (N, D) and their labels (or None), on the device, for pictures;
-    None where the Trainer holds no data tensor."""
+    """The first n training inputs (N, D) and their labels (or None), on the device, for pictures; read
+    from a streamed source (``fastvae.stream.Streamed.head``) where the Trainer holds no data tensor;
+    None from a DataLoader."""
     data = getattr(trainer, "data", None)
     if data is None:
-        return None
+        head = getattr(getattr(trainer, "source", None), "head", None)
+        return head(n) if head is not None else None
     return data[:n], (trainer.labels[:n] if trainer.labels is not None else None)
 
 
@@ -349,10 +351,10 @@ class Pictures(Callback):
     """The PNGs of a finished run, in the run folder: reconstructions.png (the first 32 `images`, each
     row above its reconstructions), samples.png (a conditional model: one class per column),
     loss.png (from metrics.jsonl) and latent_map.png for an MLP VAE with a 2-D latent space.
-    `image_shape` (H, W) of grey images (None: no pictures); `caption(history)` titles them and
+    `image_shape` (H, W) of grey images or (C, H, W) (None: no pictures); `caption(history)` titles them and
     `ylabel` labels the loss curve. Nothing is drawn after a failed or interrupted run."""
 
-    def __init__(self, images: torch.Tensor, image_shape: tuple[int, int] | None, *, labels: torch.Tensor | None = None,
+    def __init__(self, images: torch.Tensor, image_shape: tuple[int, ...] | None, *, labels: torch.Tensor | None = None,
                  caption: Callable[[Sequence[dict[str, float]]], str] | None = None, ylabel: str = "loss per sample") -> None:
         self.images, self.image_shape, self.labels = images, image_shape, labels
         self.caption = caption or (lambda history: f"epoch {history[-1]['epoch']}, loss {history[-1]['loss']:.2f} per sample" if history else "untrained")
@@ -371,7 +373,7 @@ class Pictures(Callback):
         plots.write_samples(model, out_dir / "samples.png", n, self.image_shape, caption)
         if (out_dir / METRICS).exists():
             plots.loss_curve(out_dir / METRICS, out_dir / "loss.png", ylabel=self.ylabel)
-        h, w = self.image_shape
+        h, w = self.image_shape[-2:]
         if isinstance(model, VAE) and model.latent_dim == 2 and h * w == model.input_dim and h == w:
             latent_map(model, out_dir / "latent_map.png", title=f"the 2-D latent space decoded\n{caption}")
 

@@ -4,7 +4,9 @@ One replay = gather the batch on the device from the uint8 dataset by a static i
 forward through the fused ops, backward, and Adam with ``capturable=True`` (its step counter
 lives on the device). Per step the host only copies the batch's slice of the shuffled index
 into the static buffer (and, during a KL warm-up, fills the weight) and launches the replay: no host sync, the running sums are read back
-every ``log_every`` steps as in eager mode.
+every ``log_every`` steps as in eager mode. A streamed source (``fastvae.stream``) hands the step
+the batch's pixels instead, already on the device: they are copied into a static input buffer
+that the graph reads (one device-to-device copy, in stream order).
 
 What changes per replay: the KL warm-up weight (``Trainer.beta_at``, filled into a device scalar
 by the host before the replay, no sync) is read by the loss kernel from device memory, and the
@@ -105,7 +107,7 @@ def unsupported(trainer: TrainingRun) -> str | None:
         return f"it needs a CUDA device, not {trainer.device}"
     if c.objective != "elbo":
         return f"objective={c.objective!r} is not captured (only 'elbo')"
-    if trainer.labels is not None or hasattr(trainer.model, "training_step"):
+    if getattr(trainer.model, "conditional", False) or hasattr(trainer.model, "training_step"):
         return f"{type(trainer.model).__name__} (labels or its own training_step) is not captured"
     if trainer.shard is not None:
         return "distributed training is not captured"
@@ -126,7 +128,7 @@ def engine(trainer: TrainingRun) -> GraphStep | None:
 class GraphStep:
     """Runs training steps of `trainer`: graph replays for full batches, eager otherwise.
 
-    ``step(idx)`` returns LossTerms (loss, recon, kl summed over the batch, detached) viewing a device
+    ``step(inp)`` takes the batch's row indices (a resident source) or its pixels (streamed) and returns LossTerms (loss, recon, kl summed over the batch, detached) viewing a device
     buffer that the next step overwrites: consume them (in stream order) before calling again.
     """
 
@@ -134,7 +136,9 @@ class GraphStep:
         self.trainer = trainer
         c, dev = trainer.config, trainer.device
         self.length = c.warmup * (trainer.steps_per_epoch if c.warmup_unit == "epochs" else 1)
-        self.idx = torch.zeros(c.batch_size, dtype=torch.int64, device=dev)
+        self.gathers = trainer.source.resident  # the step gathers its rows from trainer.data; else it is handed the batch
+        self.batch_size = c.batch_size
+        self.input: torch.Tensor | None = None  # static: the batch's row indices, or its pixels (made by the first full batch)
         # The KL weight of the step, read by the loss kernel from device memory: filled by the host before each
         # step (Trainer.beta_at, exact) with no sync, so the graph holds no warm-up arithmetic.
         self.beta = torch.zeros((), dtype=torch.float64, device=dev) if self.length else None
@@ -146,10 +150,10 @@ class GraphStep:
         self.warm = 0
         self._grads: list[torch.Tensor | None] = []
 
-    def _body(self, idx: torch.Tensor) -> None:
+    def _body(self, inp: torch.Tensor) -> None:
         """One training step, as captured: every op here is a node of the graph (tests/test_graphs.py counts them)."""
         t, c = self.trainer, self.trainer.config
-        batch = torch.index_select(t.data, 0, idx)
+        batch = torch.index_select(t.data, 0, inp) if self.gathers else inp
         beta = self.beta if self.beta is not None else c.beta
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=c.amp, cache_enabled=False):  # no cast cache across a capture
             terms = t.model.loss_terms(batch, beta=beta, reduction="sum")
@@ -169,7 +173,7 @@ class GraphStep:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                self._body(self.idx)
+                self._body(self.input)
         except Exception as exc:  # noqa: BLE001 - any capture failure means "train eagerly"
             torch.cuda.synchronize(self.trainer.device)
             self.failed = True
@@ -179,28 +183,30 @@ class GraphStep:
         self._grads = [p.grad for p in self.params]  # the graph's gradient buffers: keep them owned
         return True
 
-    def step(self, idx: torch.Tensor) -> LossTerms:
-        """One training step (forward, backward, update) on the rows `idx` of the dataset."""
-        self._run(idx)
+    def step(self, inp: torch.Tensor) -> LossTerms:
+        """One training step (forward, backward, update) on the rows `inp` of the dataset (or, streamed, the batch `inp`)."""
+        self._run(inp)
         return LossTerms(*self.stats)
 
-    def _run(self, idx: torch.Tensor) -> None:
+    def _run(self, inp: torch.Tensor) -> None:
         if self.beta is not None:
             self.beta.fill_(self.trainer.beta_at(self.trainer.step))
-        if idx.shape[0] != self.idx.shape[0] or self.failed:
-            self._body(idx)
+        if inp.shape[0] != self.batch_size or self.failed:
+            self._body(inp)
             return
-        self.idx.copy_(idx)
+        if self.input is None:
+            self.input = torch.empty_like(inp)
+        self.input.copy_(inp)
         if self.graph is None:
             if self.warm < WARMUP_STEPS:
                 self.warm += 1
                 side = torch.cuda.Stream(self.trainer.device)
                 side.wait_stream(torch.cuda.current_stream(self.trainer.device))
                 with torch.cuda.stream(side):
-                    self._body(self.idx)
+                    self._body(self.input)
                 torch.cuda.current_stream(self.trainer.device).wait_stream(side)
                 return
             if not self._capture():
-                self._body(self.idx)
+                self._body(self.input)
                 return
         self.graph.replay()

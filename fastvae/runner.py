@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from . import checkpoint, distributed, models
+from . import cache, checkpoint, distributed, models, stream
 from . import data as datasets
 from .backends import OPS, resolve
 from .callbacks import Pictures
@@ -81,13 +81,16 @@ class TrainingInterrupted(KeyboardInterrupt):
 def train(
     dataset: str = "fashion-mnist",
     *,
+    data: Any = None,
+    image_size: int | None = None,
+    channels: int | None = None,
     data_dir: str | os.PathLike | None = None,
     download: bool = False,
     out: str | os.PathLike | None = None,
     device: str = "auto",
     resume: str | os.PathLike | None = None,
     limit: int | None = None,
-    model: str = "vae",
+    model: str | None = None,
     hidden_dims: Sequence[int] | None = None,
     latent_dim: int = 20,
     likelihood: str = "bernoulli",
@@ -98,30 +101,44 @@ def train(
     """Train a VAE on a named data set and write checkpoint.pt, metrics.jsonl and PNGs to `out`.
 
     Prints a start-up line (data, device, backend per op, run folder) and one line per epoch as it
-    ends. `limit` keeps the first N training images (quick runs); `model` is a name of
-    fastvae.models.MODELS (cvae trains on the labels; hidden_dims=None: the model's default, (400,)
-    for vae); `resume` is a checkpoint or its run folder; `download` fetches a missing data set
-    (checksummed); other keywords are TrainConfig's (logger="tensorboard": TensorBoard event files in
-    `out` too); `callbacks` go to the Trainer. Ctrl-C raises ``TrainingInterrupted``.
+    ends. `data` is a shard folder or a shard set (``fastvae.data.open``), or an image folder, IDX or
+    .npy file, which is prepared into a cache first (``fastvae.cache``, with `image_size` and
+    `channels`); it replaces `dataset`. `limit` keeps the first N training images (quick runs);
+    `model` is a name of fastvae.models.MODELS (None: vae for 28x28 grey images, else conv; cvae
+    trains on the labels; hidden_dims=None: the model's default, (400,) for vae); `resume` is a
+    checkpoint or its run folder; `download` fetches a missing data set (checksummed); other
+    keywords are TrainConfig's (stream=True/False forces streaming; logger="tensorboard": TensorBoard event
+    files in `out` too); `callbacks` go to the Trainer. Ctrl-C raises ``TrainingInterrupted``.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive number of images, got {limit!r}")
     resume = checkpoint.locate(resume) if resume is not None else None
-    train_set = datasets.load(dataset, "train", root=data_dir, download=download)
-    images = train_set.images[:limit] if limit else train_set.images
-    labels = train_set.labels[:limit] if limit else train_set.labels
-    out_dir = Path(out) if out is not None else (resume.parent if resume else default_out(dataset))
+    main = distributed.is_main()
+    if data is not None:
+        train_set = data if stream.is_shardset(data) else cache.open_data(data, image_size=image_size, channels=channels,
+                                                                          say=print if main else (lambda _: None), prepare=main)
+        images = stream.first(train_set, limit) if limit else train_set
+        labels, classes = None, len(train_set.label_names) if train_set.label_names else 1
+        name = Path(train_set.path).name
+        shape = tuple(train_set.shape)
+    else:
+        train_set = datasets.load(dataset, "train", root=data_dir, download=download)
+        images = train_set.images[:limit] if limit else train_set.images
+        labels, classes = (train_set.labels[:limit] if limit else train_set.labels), int(train_set.labels.max()) + 1
+        name, shape = dataset, tuple(images.shape[1:])
+    model = model or default_model(shape)
+    out_dir = Path(out) if out is not None else (resume.parent if resume else default_out(name))
     cfg = TrainConfig(**config)
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)  # the initial weights too
-    net = models.for_data(model, images.shape[1:], hidden_dims=hidden_dims, latent_dim=latent_dim, likelihood=likelihood,
-                          num_classes=int(train_set.labels.max()) + 1, backend=backend)
-    cfg.extra = {**cfg.extra, "dataset": dataset, "limit": limit}
+    net = models.for_data(model, shape, hidden_dims=hidden_dims, latent_dim=latent_dim, likelihood=likelihood,
+                          num_classes=classes, backend=backend)
+    cfg.extra = {**cfg.extra, "dataset": str(train_set.path) if data is not None else dataset, "limit": limit}
     labels = labels if net.conditional else None
     objective = Objective.of(getattr(net, "name", "vae"), vars(cfg))
-    pictures = Pictures(images, tuple(images.shape[1:3]) if images.dim() == 3 else None, labels=labels, caption=objective.caption,
-                        ylabel=f"{objective.label} per sample")
-    main = distributed.is_main()
+    first, first_labels = stream.head(images, 32)
+    pictures = Pictures(first, stream.image_shape(shape), labels=(labels if labels is not None else first_labels) if net.conditional else None,
+                        caption=objective.caption, ylabel=f"{objective.label} per sample")
     trainer = Trainer(net, images, cfg, device=device, out_dir=out_dir, labels=labels, callbacks=[*callbacks, *([pictures] if main else [])])
     # An explicit backend that cannot run on this device fails here, before anything is written.
     active = {op: resolve(op, trainer.device.type, backend)[0] for op in OPS}
@@ -135,7 +152,7 @@ def train(
     existed = out_dir.exists()
     try:
         if main:
-            print(startup_line(train_set, images.shape[0], net, objective, trainer, active, out_dir, resume), flush=True)
+            print(startup_line(train_set, len(images), net, objective, trainer, active, out_dir, resume), flush=True)
         history = trainer.fit(on_epoch=report if main else None)
     except KeyboardInterrupt:
         raise _interrupted(trainer, out_dir, existed) from None
@@ -145,19 +162,35 @@ def train(
     return net, history
 
 
-def startup_line(train_set: datasets.Dataset, n: int, net: nn.Module, objective: Objective, trainer: Trainer,
+def default_model(shape: Sequence[int]) -> str:
+    """vae (the reference MLP) for 28x28 grey images, conv for other images."""
+    image = stream.image_shape(shape)
+    return "vae" if image is None or image == (1, 28, 28) else "conv"
+
+
+def startup_line(train_set: Any, n: int, net: nn.Module, objective: Objective, trainer: Trainer,
                  active: dict[str, str], out_dir: Path, resume: Path | None) -> str:
-    """What a run is about to do: data (name, split, count, folder), model and objective, device,
-    threads, the backend of each op, and where it writes."""
+    """What a run is about to do: data (name, split, count, folder; or the shard set, and how it is
+    read), model and objective, device, threads, the backend of each op, and where it writes."""
     c, dev = trainer.config, trainer.device
     threads = torch.get_num_threads()
     where = f"{dev}, {threads} CPU thread{'s' if threads > 1 else ''}" if dev.type == "cpu" else str(dev)
     start = f"; resuming from epoch {trainer.epoch} ({resume})" if resume else ""
-    return (f"fastvae train: {train_set.name} {train_set.split} split, {n} of {len(train_set)} images from {train_set.source}\n"
+    if stream.is_shardset(train_set):
+        shape = "x".join(map(str, train_set.shape))
+        what = (f"fastvae train: {n} of {len(train_set)} images ({shape}, {_size(train_set.nbytes)}) from {train_set.path}, "
+                f"{trainer.source.describe()}\n")
+    else:
+        what = f"fastvae train: {train_set.name} {train_set.split} split, {n} of {len(train_set)} images from {train_set.source}\n"
+    return (what +
             f"  model {getattr(net, 'name', 'vae')}, loss {objective.label}, {c.epochs} epochs of {trainer.steps_per_epoch} steps "
             f"(batch {c.batch_size}){start}\n"
             f"  device {where}, backends: {', '.join(f'{op} {name}' for op, name in active.items())}\n"
             f"  run folder {out_dir} (checkpoint.pt after each epoch, metrics.jsonl{', TensorBoard events' if c.logger == 'tensorboard' else ''}, PNGs at the end)")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MB"
 
 
 def _interrupted(trainer: Trainer, out_dir: Path, existed: bool) -> TrainingInterrupted:
