@@ -6,6 +6,7 @@ from .dropin import accelerate, fit
 from .apps import interpolate, latent_map, score
 from .backends import backends
 from .iwae import evaluate, iwae_loss
+from .pretrained import load_pretrained, save_pretrained
 from .model import VAE, MLPDecoder, MLPEncoder
 from .runner import train
 from .trainer import TrainConfig, Trainer
@@ -13,4 +14,4 @@ from .trainer import TrainConfig, Trainer
 __version__ = "0.1.0"
 
 __all__ = ["TrainConfig", "Trainer", "VAE", "MLPDecoder", "MLPEncoder", "train", "backends", "functional", "models", "reference", "value_checks", "check_values", "__version__",
-           "accelerate", "fit", "evaluate", "interpolate", "iwae_loss", "latent_map", "score"]
+           "accelerate", "fit", "evaluate", "interpolate", "iwae_loss", "latent_map", "score", "save_pretrained", "load_pretrained"]

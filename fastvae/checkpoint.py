@@ -5,6 +5,7 @@ code is refused by torch's weights-only unpickler.
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import tempfile
@@ -89,3 +90,32 @@ def check_config(saved: dict[str, Any], current: dict[str, Any], path: str | os.
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs model {current.get(k)!r}" for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
     if diffs:
         raise ValueError(f"checkpoint {str(path)!r} was written for another model configuration ({'; '.join(diffs)}); build the model with the checkpoint's settings or start a new run")
+
+
+def _describe(shape: tuple[int, ...]) -> str:
+    from .stream import image_shape
+
+    image = image_shape(shape)
+    if image is None:
+        return f"samples of shape {'x'.join(map(str, shape))}"
+    c, h, w = image
+    kind = {1: "grey", 3: "RGB", 4: "RGBA"}[c]
+    return f"{h}x{w} {kind} images ({c} channel{'s' if c > 1 else ''})"
+
+
+def check_data(state: dict[str, Any], sample_shape: tuple[int, ...], path: str | os.PathLike, what: str) -> None:
+    """Refuse data whose samples are not what the checkpoint was trained on (image size, channels), naming
+    both and the fix. Checkpoints written before the data's shape was stored pass."""
+    from .stream import image_shape
+
+    saved = (state.get("data") or {}).get("shape")
+    if saved is None:
+        return
+    saved, new = tuple(int(s) for s in saved), tuple(int(s) for s in sample_shape)
+    a, b = image_shape(saved), image_shape(new)
+    same = a == b if a is not None and b is not None else math.prod(saved) == math.prod(new)
+    if not same:
+        fix = (f"prepare the data at the checkpoint's size (fastvae prepare SRC OUT --image-size {a[1]} --channels {a[0]})"
+               if a is not None and a[1] == a[2] else "pass data of the checkpoint's shape")
+        raise ValueError(f"checkpoint {str(path)!r} was trained on {_describe(saved)} but {what} holds {_describe(new)}; "
+                         f"{fix}, or train a new model on these data")

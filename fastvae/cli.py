@@ -1,4 +1,4 @@
-"""The ``fastvae`` command: train, sample, reconstruct, score, prepare, info."""
+"""The ``fastvae`` command: train, sample, reconstruct, score, prepare, export, info."""
 from __future__ import annotations
 
 import argparse
@@ -66,11 +66,18 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
                    help="fetch missing IDX files (MD5-checked) into --data-dir, else ~/.cache/fastvae/<dataset>")
 
 
+def _own_data_argument(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help=f"your own images instead of --dataset: a shard folder (fastvae prepare), or an image folder, IDX or .npy file, "
+                        f"prepared once into a cache ($FASTVAE_CACHE, else ~/.cache/fastvae/prepared){what}")
+
+
 def _checkpoint_on_data(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The arguments of commands that run a checkpoint over a data split (reconstruct, score)."""
     p.add_argument("checkpoint", metavar="RUN", help="a run folder (runs/<name>) or its checkpoint.pt")
     _data_arguments(p)
-    p.add_argument("--split", choices=("train", "test"), default="test", help="which split of the data set")
+    _own_data_argument(p, " at the checkpoint's image size")
+    p.add_argument("--split", choices=("train", "test"), default="test", help="which split of the data set (--dataset)")
     return p
 
 
@@ -85,8 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = _subcommand(sub, "train", "train a VAE (default: the reference model on Fashion-MNIST)")
     _data_arguments(t)
-    t.add_argument("--model", choices=MODELS, default="vae",
-                   help="vae, cvae (conditioned on the labels), conv, hvae (two levels), rvae (images as row sequences), aae (adversarial)")
+    _own_data_argument(t, "; the cache is re-used while the folder and settings are unchanged")
+    t.add_argument("--image-size", type=_positive_int, default=None, metavar="S",
+                   help="with --data on an image folder: the size S x S the images are prepared at (see fastvae prepare --help)")
+    t.add_argument("--channels", type=int, choices=(1, 3), default=None, help="with --data on an image folder: 1 (grey) or 3 (RGB)")
+    how = t.add_mutually_exclusive_group()
+    how.add_argument("--stream", dest="stream", action="store_true", default=None,
+                     help="stream the data from memory-mapped shards (default: when they take more than half the device's free memory)")
+    how.add_argument("--resident", dest="stream", action="store_false",
+                     help="hold the whole data set in the device's memory (default: when it takes at most half its free memory)")
+    t.add_argument("--model", choices=MODELS, default=None,
+                   help="vae, cvae (conditioned on the labels), conv, hvae (two levels), rvae (images as row sequences), aae (adversarial) "
+                        "(default: vae for 28x28 grey images, conv for other images)")
     t.add_argument("--epochs", type=_positive_int, default=10, metavar="N", help="passes over the training images")
     t.add_argument("--batch-size", type=_positive_int, default=128, metavar="N", help="images per step (the global batch under torchrun)")
     t.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
@@ -113,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="seed of the initial weights, data order and samples")
     t.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="use only the first N training images")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (the start-up and per-epoch lines still print)")
+    t.add_argument("--logger", choices=("jsonl", "tensorboard"), default="jsonl",
+                   help="tensorboard: TensorBoard event files (scalars, images, hyper-parameters) in the run folder too; "
+                        "needs pip install 'fastvae[tensorboard]'. metrics.jsonl is always written")
 
     s = _subcommand(sub, "sample", "decode prior samples of a trained model to a PNG grid")
     s.add_argument("checkpoint", metavar="RUN", help="a run folder (runs/<name>) or its checkpoint.pt")
@@ -132,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--out", default=None, metavar="CSV", help="CSV to write (default: scores-<split>-k<K>.csv in the checkpoint's run folder)")
 
     _prepare_arguments(sub)
+    e = _subcommand(sub, "export", "write a run's model as model.safetensors + config.json (Hugging Face layout)")
+    e.add_argument("checkpoint", metavar="RUN", help="a run folder (runs/<name>) or its checkpoint.pt")
+    e.add_argument("out", metavar="DIR", help="folder to write (created; files of an earlier export there are replaced atomically)")
     sub.add_parser("info", help="versions, devices and active backends")
     sub.add_parser("bench", help="run the benchmark suite (source checkout; see python -m benchmarks.run --help)", add_help=False)
     return parser
@@ -185,6 +208,35 @@ def _side(n: int) -> tuple[int, int]:
     return (side, side) if side * side == n else (1, n)
 
 
+def _image_shape(model, state: dict) -> tuple[int, ...]:
+    """The (C, H, W) the checkpoint's model was trained on (stored since the data's shape is), else a square guess."""
+    shape = (state.get("data") or {}).get("image_shape") or getattr(model, "image_shape", None)
+    return tuple(shape) if shape else _side(model.input_dim)
+
+
+def _checkpoint_data(args: argparse.Namespace, state: dict, n: int | None):
+    """(images, labels or None, file-name part, caption part) for reconstruct/score: --data (checked against
+    the checkpoint's image size; an image folder is prepared at it) or a split of --dataset; the first `n` or all."""
+    from . import checkpoint, data, stream
+
+    if args.data is None:
+        split = data.load(args.dataset, args.split, root=args.data_dir, download=args.download)
+        checkpoint.check_data(state, tuple(split.images.shape[1:]), args.checkpoint, f"the {split.name} {split.split} split")
+        images, labels = (split.images[:n], split.labels[:n]) if n else (split.images, split.labels)
+        return images, labels, split.split, f"{split.name} {split.split} split"
+    from .cache import is_shard_folder, open_data
+
+    image = (state.get("data") or {}).get("image_shape")
+    prepare = {} if is_shard_folder(Path(args.data)) or not image or image[1] != image[2] else {"image_size": image[1], "channels": image[0]}
+    shards = open_data(args.data, **prepare)
+    checkpoint.check_data(state, tuple(shards.shape), args.checkpoint, str(shards.path))
+    if n:
+        images, labels = stream.head(shards, n)
+    else:
+        images, labels = shards, shards.labels
+    return images, labels, Path(shards.path).name, str(shards.path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # all further arguments belong to benchmarks.run
@@ -195,12 +247,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+    from ._extras import MissingExtra
     from .backends import BackendUnavailable
+    from .callbacks import CallbackError
     from .runner import TrainingInterrupted
 
     try:
         return _run(args)
-    except (ValueError, OSError, BackendUnavailable) as exc:  # bad input (data, checkpoint, settings, files): a message, not a traceback
+    except (ValueError, OSError, BackendUnavailable, MissingExtra, CallbackError) as exc:  # bad input (data, checkpoint, settings, files): a message, not a traceback
         print(f"fastvae {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except TrainingInterrupted as stop:
@@ -236,11 +290,22 @@ def _run(args: argparse.Namespace) -> int:
 
         init_from_env()  # under torchrun: one process per rank, DistributedDataParallel
 
-        train(args.dataset, data_dir=args.data_dir, download=args.download, out=args.out, device=args.device, resume=args.resume,
+        if args.data is not None and args.data_dir is not None:
+            raise ValueError("--data (your own images) and --data-dir (the folder of --dataset's IDX files) exclude each other; drop one")
+        if args.data is None and (args.image_size or args.channels):
+            raise ValueError("--image-size and --channels prepare an image folder given with --data; add --data FOLDER or drop them")
+        train(args.dataset, data=args.data, image_size=args.image_size, channels=args.channels, stream=args.stream,
+              data_dir=args.data_dir, download=args.download, out=args.out, device=args.device, resume=args.resume,
               limit=args.limit, model=args.model, hidden_dims=args.hidden_dims, latent_dim=args.latent_dim, likelihood=args.likelihood,
               backend=args.backend, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, beta=args.beta, warmup=args.warmup,
               warmup_unit=args.warmup_unit, seed=args.seed, amp=args.amp, tf32=args.tf32, cuda_graph=args.cuda_graph,
-              progress=not args.no_progress, warmup_schedule=args.warmup_schedule, cycles=args.cycles, objective=args.objective, k=args.k)
+              progress=not args.no_progress, warmup_schedule=args.warmup_schedule, cycles=args.cycles, objective=args.objective, k=args.k,
+              logger=args.logger)
+        return 0
+    if args.command == "export":
+        from .runner import export
+
+        print(f"wrote {export(args.checkpoint, args.out)} (model.safetensors, config.json, README.md)")
         return 0
     if args.command == "prepare":
         from .prepare import prepare
@@ -270,28 +335,26 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"--label must be below the model's num_classes ({model.num_classes}), got {args.label}")
         label = f"-label{args.label}" if args.label is not None else ""
         out = _next_to(args.checkpoint, args.out, f"samples-n{args.n}-seed{args.seed}{label}.png")
-        plots.write_samples(model, out, args.n, _side(model.input_dim), objective.caption(state["history"]), seed=args.seed, label=args.label)
+        plots.write_samples(model, out, args.n, _image_shape(model, state), objective.caption(state["history"]), seed=args.seed, label=args.label)
         print(f"wrote {out}")
         return 0
     if args.command == "reconstruct":
-        from . import data, plots
+        from . import plots, stream
 
         model, objective, state = _load(args.checkpoint)
-        split = data.load(args.dataset, args.split, root=args.data_dir, download=args.download)
-        images = split.images[: args.n]
-        condition = {"labels": split.labels[: args.n]} if model.conditional else {}
-        out = _next_to(args.checkpoint, args.out, f"reconstructions-{split.split}-n{args.n}.png")
-        plots.write_reconstructions(model, images, tuple(images.shape[1:3]), out,
-                                    f"{split.name} {split.split} split; {objective.caption(state['history'])}", **condition)
+        images, labels, name, what = _checkpoint_data(args, state, args.n)
+        condition = {"labels": labels} if model.conditional else {}
+        out = _next_to(args.checkpoint, args.out, f"reconstructions-{name}-n{args.n}.png")
+        plots.write_reconstructions(model, images, stream.image_shape(images.shape[1:]) or _image_shape(model, state), out,
+                                    f"{what}; {objective.caption(state['history'])}", **condition)
         print(f"wrote {out}")
         return 0
     if args.command == "score":
-        from . import data
         from .apps import write_scores
 
-        model, _, _ = _load(args.checkpoint)
-        split = data.load(args.dataset, args.split, root=args.data_dir, download=args.download)
-        out = write_scores(model, split.images, split.labels, _next_to(args.checkpoint, args.out, f"scores-{split.split}-k{args.k}.csv"),
+        model, _, state = _load(args.checkpoint)
+        images, labels, name, _ = _checkpoint_data(args, state, None)
+        out = write_scores(model, images, labels, _next_to(args.checkpoint, args.out, f"scores-{name}-k{args.k}.csv"),
                            k=args.k, batch_size=args.batch_size)
         print(f"wrote {out}")
         return 0

@@ -1,8 +1,9 @@
 """Multi-process data-parallel training: ``torchrun --nproc_per_node=N -m fastvae train ...``.
 
-Every rank holds the whole uint8 data set on its device and draws the same shuffled
-permutation (the data generator's state is broadcast from rank 0); for each global batch of
-``batch_size`` rows, rank r takes its contiguous slice ``rows[lo_r:hi_r]`` (torch.tensor_split).
+Every rank visits the same batches in the same order (``fastvae.stream.epoch_order`` of the
+data seed, broadcast from rank 0, and the epoch); for each global batch of ``batch_size`` rows,
+rank r takes its contiguous slice ``rows[lo_r:hi_r]`` (torch.tensor_split's cut): gathered from
+the whole data set held on its device (resident), or the only rows it reads (streamed).
 The model is wrapped in DistributedDataParallel, which averages gradients over ranks, so each
 rank back-propagates world_size * (its summed loss): the averaged gradient is then the gradient
 of the global batch's summed loss, as in one process.
@@ -44,6 +45,11 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def rank_world() -> tuple[int, int]:
+    """(this process's rank, the number of processes); (0, 1) without torch.distributed."""
+    return (dist.get_rank(), dist.get_world_size()) if active() else (0, 1)
+
+
 def is_main() -> bool:
     """True on rank 0, and in a single process: the one that writes files."""
     return not active() or dist.get_rank() == 0
@@ -72,20 +78,19 @@ class _ShardLoss(nn.Module):
 class Sharded:
     """The Trainer's per-step hook under torch.distributed: this rank's share of each global batch."""
 
-    def __init__(self, model: nn.Module, device: torch.device, generator: torch.Generator) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, data_seed: int) -> None:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        states = [torch.get_rng_state(), generator.get_state()]
+        states = [torch.get_rng_state(), data_seed]
         dist.broadcast_object_list(states, src=0)  # one data order and one eps stream, even with seed=None
         torch.set_rng_state(states[0])
-        generator.set_state(states[1])
+        self.data_seed = int(states[1])
         self.ddp = DistributedDataParallel(_ShardLoss(model), device_ids=[device.index] if device.type == "cuda" else None)
 
-    def loss_terms(self, data: torch.Tensor, rows: torch.Tensor, beta: float) -> tuple[LossTerms, torch.Tensor]:
-        """(this rank's summed terms, the objective to back-propagate) for the global batch `rows`."""
-        sizes = [len(s) for s in torch.arange(rows.numel()).tensor_split(self.world)]
-        lo = sum(sizes[:self.rank])
+    def loss_terms(self, x: torch.Tensor, offset: int, beta: float) -> tuple[LossTerms, torch.Tensor]:
+        """(this rank's summed terms, the objective to back-propagate) for its rows `x` of a global batch,
+        the first of them at row `offset` of that batch (``fastvae.stream.share``)."""
         seed = new_seed()  # drawn on every rank, so torch's generator stays in step
-        terms = self.ddp(data[rows[lo:lo + sizes[self.rank]]], lo, seed, beta)
+        terms = self.ddp(x, offset, seed, beta)
         return terms, terms.loss * self.world
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:

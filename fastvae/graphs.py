@@ -4,7 +4,9 @@ One replay = gather the batch on the device from the uint8 dataset by a static i
 forward through the fused ops, backward, and Adam with ``capturable=True`` (its step counter
 lives on the device). Per step the host only copies the batch's slice of the shuffled index
 into the static buffer (and, during a KL warm-up, fills the weight) and launches the replay: no host sync, the running sums are read back
-every ``log_every`` steps as in eager mode.
+every ``log_every`` steps as in eager mode. A streamed source (``fastvae.stream``) hands the step
+the batch's pixels instead, already on the device: they are copied into a static input buffer
+that the graph reads (one device-to-device copy, in stream order).
 
 What changes per replay: the KL warm-up weight (``Trainer.beta_at``, filled into a device scalar
 by the host before the replay, no sync) is read by the loss kernel from device memory, and the
@@ -112,7 +114,7 @@ def unsupported(trainer: TrainingRun) -> str | None:
         return f"it needs a CUDA device, not {trainer.device}"
     if c.objective != "elbo":
         return f"objective={c.objective!r} is not captured (only 'elbo')"
-    if trainer.labels is not None or hasattr(trainer.model, "training_step"):
+    if getattr(trainer.model, "conditional", False) or hasattr(trainer.model, "training_step"):
         return f"{type(trainer.model).__name__} (labels or its own training_step) is not captured"
     if trainer.shard is not None:
         return "distributed training is not captured"
@@ -133,7 +135,7 @@ def engine(trainer: TrainingRun) -> GraphStep | None:
 class GraphStep:
     """Runs training steps of `trainer`: graph replays for full batches, eager otherwise.
 
-    ``step(idx)`` returns LossTerms (loss, recon, kl summed over the batch, detached) viewing a device
+    ``step(inp)`` takes the batch's row indices (a resident source) or its pixels (streamed) and returns LossTerms (loss, recon, kl summed over the batch, detached) viewing a device
     buffer that the next step overwrites: consume them (in stream order) before calling again.
     """
 
@@ -141,7 +143,9 @@ class GraphStep:
         self.trainer = trainer
         c, dev = trainer.config, trainer.device
         self.length = c.warmup * (trainer.steps_per_epoch if c.warmup_unit == "epochs" else 1)
-        self.idx = torch.zeros(c.batch_size, dtype=torch.int64, device=dev)
+        self.gathers = trainer.source.resident  # the step gathers its rows from trainer.data; else it is handed the batch
+        self.batch_size = c.batch_size
+        self.input: torch.Tensor | None = None  # static: the batch's row indices, or its pixels (made by the first full batch)
         # The KL weight of the step, read by the loss kernel from device memory: filled by the host before each
         # step (Trainer.beta_at, exact) with no sync, so the graph holds no warm-up arithmetic.
         self.beta = torch.zeros((), dtype=torch.float64, device=dev) if self.length else None
@@ -160,13 +164,13 @@ class GraphStep:
         self.warm = 0
         self._grads: list[torch.Tensor | None] = []
 
-    def _body(self, idx: torch.Tensor) -> torch.Tensor:
+    def _body(self, inp: torch.Tensor) -> torch.Tensor:
         """One training step, as captured: every op here is a node of the graph (tests/test_graphs.py counts them).
         Returns the (3,) buffer of [loss, recon, kl] it writes."""
         t, c = self.trainer, self.trainer.config
-        batch = torch.index_select(t.data, 0, idx)
+        batch = torch.index_select(t.data, 0, inp) if self.gathers else inp
         if self.fused is not None:
-            ws = self.fused.space(idx.shape[0])
+            ws = self.fused.space(inp.shape[0])
             self.fused.calls(batch, ws.beta_t if self.length else c.beta, self.seed)
             t.optimizer.flat_step()  # at the step count the host filled
             return ws.stats
@@ -190,7 +194,7 @@ class GraphStep:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                self._stats = self._body(self.idx)
+                self._stats = self._body(self.input)
         except Exception as exc:  # noqa: BLE001 - any capture failure means "train eagerly"
             torch.cuda.synchronize(self.trainer.device)
             self.failed = True
@@ -200,9 +204,9 @@ class GraphStep:
         self._grads = [p.grad for p in self.params]  # the graph's gradient buffers: keep them owned
         return True
 
-    def step(self, idx: torch.Tensor) -> LossTerms:
-        """One training step (forward, backward, update) on the rows `idx` of the dataset."""
-        return LossTerms(*self._run(idx))
+    def step(self, inp: torch.Tensor) -> LossTerms:
+        """One training step (forward, backward, update) on the rows `inp` of the dataset (or, streamed, the batch `inp`)."""
+        return LossTerms(*self._run(inp))
 
     def _prepare(self, batch: int) -> None:
         """The step's per-step inputs into their device buffers, before the replay (no sync)."""
@@ -215,21 +219,23 @@ class GraphStep:
             self.count += 1
             self.trainer.optimizer.step_count.fill_(self.count)
 
-    def _run(self, idx: torch.Tensor) -> torch.Tensor:
-        self._prepare(idx.shape[0])
-        if idx.shape[0] != self.idx.shape[0] or self.failed:
-            return self._body(idx)
-        self.idx.copy_(idx)
+    def _run(self, inp: torch.Tensor) -> torch.Tensor:
+        self._prepare(inp.shape[0])
+        if inp.shape[0] != self.batch_size or self.failed:
+            return self._body(inp)
+        if self.input is None:
+            self.input = torch.empty_like(inp)
+        self.input.copy_(inp)
         if self.graph is None:
             if self.warm < WARMUP_STEPS:
                 self.warm += 1
                 side = torch.cuda.Stream(self.trainer.device)
                 side.wait_stream(torch.cuda.current_stream(self.trainer.device))
                 with torch.cuda.stream(side):
-                    stats = self._body(self.idx)
+                    stats = self._body(self.input)
                 torch.cuda.current_stream(self.trainer.device).wait_stream(side)
                 return stats
             if not self._capture():
-                return self._body(self.idx)
+                return self._body(self.input)
         self.graph.replay()
         return self._stats

@@ -106,24 +106,34 @@ class Evaluation(NamedTuple):
 def per_sample_bounds(model, images: torch.Tensor, k: int = 1, *, batch_size: int = 256, seed: int | None = 0,
                       labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(elbo (N,), iwae (N,)) float64 on the CPU, in eval mode, in batches of `batch_size` inputs;
-    `labels` (one per image) condition a conditional model."""
+    `labels` (one per image) condition a conditional model. images: a tensor, or a data set that
+    ``fastvae.stream.in_order`` reads (a shard set from fastvae.data.open, a Dataset, a DataLoader)."""
+    from .stream import in_order, is_shardset
+
     _checks.positive_int("k", k)
     _checks.positive_int("batch_size", batch_size)
-    if not isinstance(images, torch.Tensor) or images.dim() < 1 or images.shape[0] == 0:
-        raise ValueError(f"images must be a non-empty (N, ...) tensor, got {getattr(images, 'shape', type(images).__name__)}")
+    if isinstance(images, torch.Tensor) and (images.dim() < 1 or images.shape[0] == 0):
+        raise ValueError(f"images must be a non-empty (N, ...) tensor, got {tuple(images.shape)}")
+    if is_shardset(images) and math.prod(images.shape) != model.input_dim:
+        raise ValueError(f"{images.path} holds images of shape {tuple(images.shape)} ({math.prod(images.shape)} values) but the model "
+                         f"takes input_dim={model.input_dim}; score images of the size the model was trained on")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     elbo, iwae = [], []
+    start = 0
     try:
-        for i, start in enumerate(range(0, images.shape[0], batch_size)):
-            batch = images[start:start + batch_size].to(device)
-            condition = {"labels": labels[start:start + batch_size].to(device)} if labels is not None else {}
+        for i, (batch, _) in enumerate(in_order(images, batch_size)):
+            condition = {"labels": labels[start:start + batch.shape[0]].to(device)} if labels is not None else {}
+            start += batch.shape[0]
+            batch = batch.to(device)
             w = log_weights(model, batch, k, seed=None if seed is None else seed + i, **condition)
             elbo.append((-(w.recon.mean(0) + w.kl)).double().cpu())
             iwae.append(iwae_bound(w.log_w).double().cpu())
     finally:
         model.train(was_training)
+    if not elbo:
+        raise ValueError("images must be a non-empty data set; it holds no samples")
     return torch.cat(elbo), torch.cat(iwae)
 
 

@@ -225,6 +225,7 @@ class MLPStep:
     @torch.no_grad()
     def step(self, x: torch.Tensor, beta: float, seed: int | None = None) -> LossTerms:
         """One training step on the batch `x` ((B, input_dim), uint8 or the parameters' dtype), the update included."""
+        x = self._batch(x)
         if self._whole is not None:
             g = self.optimizer.param_groups[0]
             return self._one_op(x, beta, seed, (g["lr"], *g["betas"], g["eps"], g["weight_decay"]))
@@ -232,6 +233,13 @@ class MLPStep:
         self.optimizer.step_count += 1
         self.optimizer.flat_step()
         return terms
+
+    def _batch(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the kernels read it: (B, input_dim) contiguous, uint8 or the parameters' dtype (else the model's own
+        flatten raises the error the autograd step would)."""
+        if x.dim() == 2 and x.is_contiguous() and (x.dtype == torch.uint8 or x.dtype == self.w_heads.dtype):
+            return x
+        return self.model.flatten(x).contiguous()
 
     def _one_op(self, x: torch.Tensor, beta: float, seed: int | None, adam: tuple[float, ...] | None) -> LossTerms:
         out = self._whole.mlp_step(x, self._buffers, self.optimizer.step_count, self._layout, len(self.enc), new_seed(seed), beta,
@@ -245,6 +253,7 @@ class MLPStep:
         beta: the KL weight, or the tensor ``set_beta`` returned (read from device memory: CUDA graphs).
         seed: the Philox seed of the sample (an int or 0-dim int64 device tensor; None: drawn from torch's generator).
         """
+        x = self._batch(x)
         if self._whole is not None and not isinstance(beta, torch.Tensor):
             return self._one_op(x, beta, seed, None)
         return self.calls(x, beta, seed)

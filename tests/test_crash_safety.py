@@ -82,7 +82,7 @@ def test_sigkill_at_random_moments_and_between_write_and_rename_then_resume_is_b
         assert torch.equal(state["model"][name], p), name
     for a, b in zip(state["optimizer"]["state"].values(), want["optimizer"]["state"].values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
-    assert torch.equal(state["rng"]["torch"], want["rng"]["torch"]) and torch.equal(state["rng"]["data"], want["rng"]["data"])
+    assert torch.equal(state["rng"]["torch"], want["rng"]["torch"]) and state["data_seed"] == want["data_seed"] == 5
     assert [h["loss"] for h in state["history"]] == [h["loss"] for h in want["history"]]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "event" not in r]

@@ -146,23 +146,28 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = No
     """Train a user's own VAE module with fastvae's engine; returns the per-epoch history.
 
     images: (N, ...) uint8 pixels (read as x / 255) or floats, each sample shaped as the module's
-    forward takes it; labels: passed as forward(x, labels) when given. The objective is the
+    forward takes it; or a shard set (``fastvae.data.open``), a map-style ``torch.utils.data.Dataset``
+    or a ``DataLoader`` (see ``fastvae.Trainer``; their labels are not passed to the module);
+    labels: with a tensor, passed as forward(x, labels) when given. The objective is the
     negative ELBO summed over the batch (``likelihood`` as in ``DropinModel``), optimised with
     Adam(lr); further ``fastvae.TrainConfig`` fields go in ``config``. The module is trained in
     place and ends on ``device``.
     """
+    from ..stream import head
     from ..trainer import TrainConfig, Trainer
 
-    if not isinstance(images, torch.Tensor) or images.dim() < 2:
-        raise TypeError(f"images must be a tensor (N, ...) of samples, got {type(images).__name__}")
+    if isinstance(images, torch.Tensor) and images.dim() < 2:
+        raise TypeError(f"images must be a tensor (N, ...) of samples, got shape {tuple(images.shape)}")
     if config.get("objective", "elbo") != "elbo":
         raise ValueError("fastvae.fit trains the ELBO only (objective='elbo'); IWAE needs fastvae's own models")
     _checks.positive_int("batch_size", batch_size)
+    if labels is not None and not isinstance(images, torch.Tensor):
+        raise ValueError("labels= goes with a tensor of images; pass a tensor to train a conditional module")
     param = next(model.parameters())
-    first = images[:batch_size].to(param.device)
+    first = head(images, batch_size)[0].to(param.device) if not isinstance(images, torch.Tensor) else images[:batch_size].to(param.device)
     example = first.to(param.dtype) / 255.0 if first.dtype == torch.uint8 else first.to(param.dtype)
     first_labels = labels[:batch_size].to(param.device) if labels is not None else None
-    adapter = DropinModel(model, tuple(images.shape[1:]), likelihood=likelihood, conditional=labels is not None,
+    adapter = DropinModel(model, tuple(first.shape[1:]), likelihood=likelihood, conditional=labels is not None,
                           example=example, labels=first_labels)
     train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, beta=beta, **config)
     return Trainer(adapter, images, train, device=device, out_dir=out_dir, labels=labels).fit()

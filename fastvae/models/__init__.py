@@ -25,7 +25,7 @@ _CLASSES = {
 }
 MODELS = tuple(_CLASSES)
 
-__all__ = ["MODELS", "get", "from_config", "for_data", "ConditionalVAE", "ConvVAE", "HierarchicalVAE", "RecurrentVAE", "AdversarialAE"]
+__all__ = ["MODELS", "get", "from_config", "from_pretrained", "for_data", "ConditionalVAE", "ConvVAE", "HierarchicalVAE", "RecurrentVAE", "AdversarialAE"]
 
 
 def get(name: str) -> type[nn.Module]:
@@ -40,6 +40,32 @@ def from_config(config: dict[str, Any], *, backend: str | None = None) -> nn.Mod
     """Rebuild a model (untrained weights) from its config(), as stored in checkpoints."""
     kwargs = dict(config)
     return get(kwargs.pop("model", "vae"))(**kwargs, backend=backend)
+
+
+def from_pretrained(path: Any, cls: type[nn.Module] | None = None, *, backend: str | None = None, map_location: Any = "cpu",
+                    **hub: Any) -> nn.Module:
+    """The fastvae model a save_pretrained folder (or Hub repo id) holds, in eval mode on `map_location`
+    (see fastvae.pretrained). cls: the class expected (None: whatever kind the folder holds); another
+    kind, or a user's own module (which fastvae cannot rebuild), is refused with the way to load it."""
+    from ..pretrained import USER, load_weights, read
+
+    config, state = read(path, map_location, **hub)
+    kind = config["model"]
+    if kind == USER:
+        raise ValueError(f"{str(path)!r} holds a user's own module ({config.get('module')}), which fastvae cannot rebuild (its constructor "
+                         "is yours): build it and fill it with fastvae.load_pretrained(path, MyVAE(...))")
+    if kind not in MODELS:
+        raise ValueError(f"{str(path)!r} holds a model of kind {kind!r}, which this fastvae does not know (one of {MODELS})")
+    wanted = get(kind)
+    if cls is not None and not issubclass(wanted, cls):
+        raise ValueError(f"{str(path)!r} holds a {kind} model ({wanted.__module__}.{wanted.__qualname__}), not a {cls.__qualname__}; "
+                         f"load it with {wanted.__qualname__}.from_pretrained(path) or fastvae.models.from_pretrained(path)")
+    try:
+        model = from_config(config, backend=backend)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{str(path)!r}: config.json does not describe a valid {kind} model ({exc})") from None
+    load_weights(model, state, str(path))
+    return model.to(map_location).eval()
 
 
 def for_data(name: str, sample_shape: Sequence[int], *, hidden_dims: Sequence[int] | None = None, latent_dim: int = 20,

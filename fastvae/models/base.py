@@ -8,7 +8,9 @@ logits (Bernoulli) or means (Gaussian). The negative ELBO then runs through the 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import os
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -46,6 +48,27 @@ class LatentModel(nn.Module):
     def config(self) -> dict:
         """The constructor arguments (JSON types), as stored in checkpoints."""
         raise NotImplementedError
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write model.safetensors + config.json (+ README.md) to a folder, atomically (see fastvae.pretrained)."""
+        from ..pretrained import save_pretrained
+
+        return save_pretrained(self, save_directory)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, backend: str | None = None, map_location: str | torch.device = "cpu",
+                        **hub: Any) -> "LatentModel":
+        """The model a save_pretrained folder (or Hub repo id "user/name") holds, in eval mode; a folder
+        holding another kind of model is refused (fastvae.models.from_pretrained takes any kind)."""
+        from . import from_pretrained  # the registry of kinds
+
+        return from_pretrained(path, None if cls is LatentModel else cls, backend=backend, map_location=map_location, **hub)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """save_pretrained, then upload the folder to the Hugging Face Hub repo `repo_id` (huggingface_hub)."""
+        from ..pretrained import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
 
     def posterior(self, flat: torch.Tensor, **condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, logvar) of q(z | x) for flattened float inputs."""
