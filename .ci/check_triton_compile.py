@@ -47,7 +47,7 @@ from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource, compile, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
-from fastvae.kernels import _common, decode, loss, reparam  # noqa: E402
+from fastvae.kernels import _common, bias_grad, decode, loss, reparam  # noqa: E402
 
 ARCHS = (80, 90)
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory per block (A100, H100/H200)
@@ -120,6 +120,11 @@ def _decode(M: int, K: int, hidden: tuple[int, ...], N: int, dt: torch.dtype, ou
 LATENTS = (1, 2, 3, 5, 8, 16, 20, 32, 33, 64, 100, 128, 200, 256)
 
 
+def _bias_grad(B: int, N: int, dt: torch.dtype) -> None:
+    for relu in (True, False):  # the hidden layers' (ReLU folded in) and the output's / the heads'
+        bias_grad.bias_grad(meta(B, N, dtype=dt), meta(B, N, dtype=dt) if relu else None, meta(N, dtype=dt))
+
+
 def workload(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
     """(label, a call of the wrappers on meta tensors) for every shape the check covers.
 
@@ -140,6 +145,8 @@ def workload(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
             yield f"reparam {B}x{L} k={k} {name}", lambda B=B, L=L, k=k, dt=dt, t=training: _reparam(B, L, k, dt, t)
         for B, D, L, training in los:
             yield f"loss {B}x{D}x{L} {name}", lambda B=B, D=D, L=L, dt=dt, t=training: _loss(B, D, L, dt, t)
+        for B, N in [(128, 400), (128, 784), (128, 40)] + ([] if quick else [(65536, 1024), (4099, 33), (1, 1)]):
+            yield f"bias_grad {B}x{N} {name}", lambda B=B, N=N, dt=dt: _bias_grad(B, N, dt)
         if name == "fp64":
             continue  # decode's matmuls take float32/bfloat16/float16 weights
         for out_name in ("fp32", "u8") if not quick else ("u8",):

@@ -23,7 +23,7 @@ HEADLINE_OPS = (("fused loss, fwd+bwd, 65536x784", "loss.fwd_bwd", (65536, 784, 
 BASELINES = ("eager-best", "eager-seed", "compile", "compile-seed")
 FASTVAE = ("torch", "triton", "cpp", "cuda")
 NOCHECKS = "-nochecks"
-NOT_OPS = ("reference_run", "dropin.step")
+NOT_OPS = ("reference_run", "dropin.step", "floor")
 
 
 def load_all(results_dir: Path = RESULTS) -> list[dict]:
@@ -166,6 +166,23 @@ def reference_table(run: dict) -> str:
     return "\n".join(lines)
 
 
+def floor_table(run: dict) -> str:
+    """The Trainer's step against its GEMM floor (benchmarks/floor.py), and the reference run divided by that floor."""
+    rec = next((r for r in run["results"] if r["name"] == "floor"), None)
+    if rec is None:
+        return ""
+    lines = ["| training step vs its GEMM floor | step ms | floor ms (GFLOP/s) | interleaved rounds | ratio min / median |",
+             "| --- | --- | --- | --- | --- |",
+             f"| Trainer epoch, {rec['shape'][0]} images, batch {rec['batch_size']}, {rec['threads']} threads | {rec['step_ms']:.2f} | "
+             f"{rec['floor_ms']:.2f} ({rec['gflops_floor']:.0f}) | {rec['rounds']} | {rec['ratio_min']:.2f}x / {rec['ratio_median']:.2f}x |"]
+    ref = next((r for r in run["results"] if r["name"] == "reference_run" and r["backend"] == "fastvae"), None)
+    if ref is not None:
+        steps = ref["epochs"] * -(-ref["shape"][0] // ref["batch_size"])
+        lines.append(f"| reference run ({ref['epochs']} epochs, {steps} steps) | {ref['seconds'] / steps * 1e3:.2f} | {rec['floor_ms']:.2f} | - | "
+                     f"{ref['seconds'] / (steps * rec['floor_ms'] / 1e3):.2f}x |")
+    return "\n".join(lines)
+
+
 def skipped_note(run: dict) -> str:
     """One line per distinct reason a benchmark was skipped, with how many it skipped."""
     reasons = Counter(s["reason"] for s in run.get("skipped", []))
@@ -178,7 +195,7 @@ def tables_block(runs: list[dict]) -> str:
     for run in latest_per_device(runs):
         parts.append(f"**{run['device_name']}** ({run['date'][:10]}, commit {' + '.join(c[:10] for c in run['git_commit'].split(' + '))}, torch {run['torch']}; "
                      f"`{run['command']}`; median of repeated calls, GB/s = bytes that must move / time)\n")
-        for table in (ops_table(run), dropin_table(run), reference_table(run), skipped_note(run)):
+        for table in (ops_table(run), dropin_table(run), reference_table(run), floor_table(run), skipped_note(run)):
             if table:
                 parts.append(table + "\n")
     return "\n".join(parts).strip() + "\n"

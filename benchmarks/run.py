@@ -1,6 +1,6 @@
 """Run the benchmark suite and write a results file, the chart and the performance tables.
 
-    python -m benchmarks.run [--smoke | --quick] [--out FILE] [--parts ops,dropin,reference]
+    python -m benchmarks.run [--smoke | --quick] [--out FILE] [--parts ops,dropin,reference,floor]
     fastvae bench ...            (the same, from the CLI)
 
 --smoke: tiny sizes, no torch.compile, a 1-epoch reference run on 512 images (CI, < 60 s);
@@ -15,7 +15,9 @@ temporary folder), and beside it chart.png and <name>.md (the tables of this run
 
 Parts: "ops" (benchmarks/test_ops.py), "dropin" (benchmarks/test_dropin.py: users' own VAEs per
 training step, plain vs fastvae.accelerate vs the engine; skipped with a message where the file
-is absent), "reference" (the 10-epoch reference run, benchmarks/reference_run.py).
+is absent), "reference" (the 10-epoch reference run, benchmarks/reference_run.py), "floor" (the
+Trainer's epoch against its GEMM floor, the step's matrix products alone, interleaved round by
+round: benchmarks/floor.py).
 """
 from __future__ import annotations
 
@@ -33,10 +35,10 @@ from pathlib import Path
 
 import torch
 
-from . import reference_run, report
+from . import floor, reference_run, report
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("ops", "dropin", "reference")
+PARTS = ("ops", "dropin", "reference", "floor")
 DROPIN = ROOT / "benchmarks" / "test_dropin.py"
 PYTEST_ARGS = {
     "smoke": ["--benchmark-min-rounds=1", "--benchmark-max-time=0.005", "--benchmark-warmup=off"],
@@ -45,6 +47,7 @@ PYTEST_ARGS = {
 }
 REFERENCE = {"smoke": (1, 512, ("seed-loop", "eager-device", "fastvae")), "quick": (1, 10000, reference_run.VARIANTS),
              "full": (10, None, reference_run.VARIANTS)}
+FLOOR = {"smoke": (1, 512), "quick": (3, 10000), "full": (7, None)}  # (interleaved rounds, training images)
 
 
 def device_name(dev: torch.device) -> str:
@@ -230,6 +233,14 @@ def main(argv: list[str] | None = None) -> int:
             rec["load_avg"] = [load, os.getloadavg()[0]]  # 1-minute load before and after: others share the machine
             print(f"reference_run {v}: {rec['seconds']:.1f} s, final loss {rec['final_loss']:.2f}", flush=True)
             results.append(rec)
+    if "floor" in parts:
+        rounds, samples = FLOOR[preset]
+        load = os.getloadavg()[0]
+        rec = floor.run(rounds, samples=args.samples or samples, device=dev.type, data_dir=args.data_dir)
+        rec["load_avg"] = [load, os.getloadavg()[0]]
+        print(f"floor: a Trainer epoch is {rec['ratio_min']:.2f}x (median {rec['ratio_median']:.2f}x) its GEMM floor "
+              f"({rec['gflops_floor']:.0f} GFLOP/s, {rec['threads']} threads)", flush=True)
+        results.append(rec)
     doc["load_avg_end"] = os.getloadavg()[0]
     for r in results:
         r["git_commit"] = doc["git_commit"]  # records merged from other runs keep their own

@@ -12,7 +12,7 @@ _PACKAGE = Path(__file__).resolve().parent
 CSRC = _PACKAGE / "csrc" if (_PACKAGE / "csrc").is_dir() else _PACKAGE.parent / "csrc"
 # avx2.cpp recompiles the kernels with AVX2; it comes last so the linker keeps the baseline copies
 # of inline code both translation units emit.
-CPU_SOURCES = ("ops.cpp", "checks.cpp", "cpu/reparam.cpp", "cpu/loss.cpp", "cpu/decode.cpp", "cpu/avx2.cpp")
+CPU_SOURCES = ("ops.cpp", "checks.cpp", "cpu/reparam.cpp", "cpu/loss.cpp", "cpu/decode.cpp", "cpu/mlp_step.cpp", "cpu/avx2.cpp")
 CUDA_SOURCES = ("cuda/reparam.cu", "cuda/loss.cu", "cuda/decode.cu",
                 "cuda/reparam_glue.cpp", "cuda/loss_glue.cpp", "cuda/decode_glue.cpp")
 # -fopenmp: at::parallel_for is an OpenMP pragma inlined from ATen's headers; without the flag the

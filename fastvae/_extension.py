@@ -174,13 +174,46 @@ class _Decode:
         torch.ops.fastvae.to_image(values, out, bool(from_logits))
 
 
-_OPS = {"reparam": _Reparam, "loss": _Loss, "decode": _Decode}
+class _BiasGrad:
+    """fastvae.ops.bias_grad's backend interface (CPU kernel)."""
+
+    @staticmethod
+    def unsupported(grad: torch.Tensor) -> str | None:
+        return _dtype_reason(grad)
+
+    @staticmethod
+    def bias_grad(grad: torch.Tensor, relu_out: torch.Tensor | None, out: torch.Tensor) -> None:
+        torch.ops.fastvae.bias_grad(grad, relu_out, out)
+
+
+class _MLPStep:
+    """fastvae.mlp_step's whole step on the CPU: forward, fused loss, backward and Adam in one call."""
+
+    @staticmethod
+    def unsupported(x: torch.Tensor) -> str | None:
+        return _dtype_reason(x)
+
+    @staticmethod
+    def mlp_step(x: torch.Tensor, buffers: tuple[torch.Tensor, ...], step: torch.Tensor, layout: list[int], encoder_layers: int,
+                 seed: int, beta: float, likelihood: str, adam: tuple[float, ...] | None, flags: torch.Tensor | None) -> torch.Tensor:
+        """[loss, recon, kl] summed over the batch. buffers: FlatAdam's flat parameters, gradients, exp_avg and
+        exp_avg_sq; layout: (out, in, weight offset, bias offset) per layer; adam: (lr, beta1, beta2, eps,
+        weight_decay) to update (advancing `step`), None for the gradients alone."""
+        hyper = adam if adam is not None else (0.0, 0.0, 0.0, 0.0, 0.0)
+        return torch.ops.fastvae.mlp_step(x, *buffers, step, layout, encoder_layers, seed, float(beta), likelihood == "gaussian",
+                                          adam is not None, *hyper, flags)
+
+
+_OPS = {"reparam": _Reparam, "loss": _Loss, "decode": _Decode, "bias_grad": _BiasGrad, "mlp_step": _MLPStep}
+CPU_ONLY = ("bias_grad", "mlp_step")  # the training step's: CUDA runs it as PyTorch calls and Triton kernels
 
 
 def load_ops(op: str, device: str) -> Any:
-    """The implementation of `op` ("reparam", "loss", "decode") for `device` ("cpu" or "cuda")."""
+    """The implementation of `op` (a key of ``_OPS``) for `device` ("cpu" or "cuda")."""
     if op not in _OPS:
         raise ValueError(f"op must be one of {tuple(_OPS)}, got {op!r}")
+    if device == "cuda" and op in CPU_ONLY:
+        raise RuntimeError(f"the CUDA kernels do not implement {op}")
     if device == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"torch {torch.__version__} has no usable CUDA (torch.cuda.is_available() is False)")

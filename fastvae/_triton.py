@@ -6,11 +6,13 @@ from types import ModuleType
 
 from .backends import OPS
 
+TRITON_OPS = OPS + ("bias_grad",)  # kernels/<op>.py
+
 
 def load_kernels(op: str) -> ModuleType:
     """The Triton implementation of `op`; ImportError saying why when Triton is missing."""
-    if op not in OPS:
-        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if op not in TRITON_OPS:
+        raise ValueError(f"op must be one of {TRITON_OPS}, got {op!r}")
     try:
         import triton  # noqa: F401
     except ImportError as exc:

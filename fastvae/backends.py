@@ -20,6 +20,7 @@ import warnings
 from typing import Any, Callable
 
 OPS = ("reparam", "loss", "decode")  # the fused ops, one module each in fastvae.ops
+STEP_OPS = ("bias_grad", "mlp_step")  # the hand-written training step's (fastvae.mlp_step): bias_grad in Triton and C++, the whole CPU step in C++
 BACKENDS = ("torch", "triton", "cpp", "cuda")
 CHOICES = (None, "auto") + BACKENDS
 # Fastest first. Triton on CPU means its interpreter: correct but slow, so never chosen by "auto".
@@ -215,7 +216,7 @@ def backends() -> dict[str, dict[str, Any]]:
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     report: dict[str, dict[str, Any]] = {}
-    for op in ("reparam", "loss", "decode"):
+    for op in OPS + STEP_OPS:
         status = {b: "available" if b == "torch" or load(op, b) is not None else _errors.get((op, b), "not implemented") for b in BACKENDS}
         report[op] = {"backends": status, "active": {dev: _active(op, dev) for dev in devices}, "routing": routing(op)}
     return report

@@ -16,6 +16,12 @@ so every replay samples new eps with the same fused kernel the eager warm-up ste
 values are flagged by the kernels in a device word that ``fastvae.check_values`` reads at the
 Trainer's logging steps.
 
+Where the Trainer runs the hand-written step (``fastvae.mlp_step``: fastvae.VAE with a FlatAdam),
+the body is that step's PyTorch calls and one fused Adam over the flat buffers: the host fills the
+Philox seed, Adam's step count and (during a warm-up) the KL weight into device buffers before each
+replay, so the graph holds no RNG draw and no counter arithmetic (25 kernels for the reference
+model; tests/test_graphs.py counts them). Other models capture the autograd step.
+
 The first ``WARMUP_STEPS`` full batches run eagerly on a side stream (cuBLAS and autograd set
 themselves up; they are real training steps), the next one is captured and replayed. The short
 last batch of an epoch runs eagerly. If capture fails, one warning and eager from then on.
@@ -30,6 +36,7 @@ import torch
 from . import _checks
 from .backends import warn_once
 from .ops.loss import LossTerms
+from .ops.reparam import new_seed
 
 WARMUP_STEPS = 3
 
@@ -145,15 +152,28 @@ class GraphStep:
         self.stats = torch.zeros(3, dtype=torch.float64, device=dev)
         self._ones: dict[torch.dtype, torch.Tensor] = {}  # d loss / d loss, static (created by the eager warm-up steps)
         self.params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+        # the hand-written step (fastvae.mlp_step), if the trainer runs one; its inputs that change per step live on the device
+        self.fused = getattr(trainer, "_fused", None)
+        if self.fused is not None and not getattr(self.fused._reparam, "tensor_seed", False):
+            self.fused = None  # a sampler that takes int seeds only: the autograd step draws eps with the PyTorch Philox
+        if self.fused is not None:
+            self.seed = torch.zeros((), dtype=torch.int64, device=dev)
+            self.count = int(trainer.optimizer.step_count.item())  # Adam's steps, kept on the host
         self.graph: torch.cuda.CUDAGraph | None = None
         self.failed = False
         self.warm = 0
         self._grads: list[torch.Tensor | None] = []
 
-    def _body(self, inp: torch.Tensor) -> None:
-        """One training step, as captured: every op here is a node of the graph (tests/test_graphs.py counts them)."""
+    def _body(self, inp: torch.Tensor) -> torch.Tensor:
+        """One training step, as captured: every op here is a node of the graph (tests/test_graphs.py counts them).
+        Returns the (3,) buffer of [loss, recon, kl] it writes."""
         t, c = self.trainer, self.trainer.config
         batch = torch.index_select(t.data, 0, inp) if self.gathers else inp
+        if self.fused is not None:
+            ws = self.fused.space(inp.shape[0])
+            self.fused.calls(batch, ws.beta_t if self.length else c.beta, self.seed)
+            t.optimizer.flat_step()  # at the step count the host filled
+            return ws.stats
         beta = self.beta if self.beta is not None else c.beta
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=c.amp, cache_enabled=False):  # no cast cache across a capture
             terms = t.model.loss_terms(batch, beta=beta, reduction="sum")
@@ -167,13 +187,14 @@ class GraphStep:
         t.optimizer.step()
         with torch.no_grad():
             torch.stack((terms.loss, terms.recon, terms.kl), out=self.stats)
+        return self.stats
 
     def _capture(self) -> bool:
         _checks.flag_word(self.trainer.device)  # allocated outside the graph, so replays write the same word
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                self._body(self.input)
+                self._stats = self._body(self.input)
         except Exception as exc:  # noqa: BLE001 - any capture failure means "train eagerly"
             torch.cuda.synchronize(self.trainer.device)
             self.failed = True
@@ -185,15 +206,23 @@ class GraphStep:
 
     def step(self, inp: torch.Tensor) -> LossTerms:
         """One training step (forward, backward, update) on the rows `inp` of the dataset (or, streamed, the batch `inp`)."""
-        self._run(inp)
-        return LossTerms(*self.stats)
+        return LossTerms(*self._run(inp))
 
-    def _run(self, inp: torch.Tensor) -> None:
+    def _prepare(self, batch: int) -> None:
+        """The step's per-step inputs into their device buffers, before the replay (no sync)."""
+        beta = self.trainer.beta_at(self.trainer.step)
         if self.beta is not None:
-            self.beta.fill_(self.trainer.beta_at(self.trainer.step))
+            self.beta.fill_(beta)
+        if self.fused is not None:
+            self.fused.set_beta(batch, beta)
+            self.seed.fill_(new_seed())
+            self.count += 1
+            self.trainer.optimizer.step_count.fill_(self.count)
+
+    def _run(self, inp: torch.Tensor) -> torch.Tensor:
+        self._prepare(inp.shape[0])
         if inp.shape[0] != self.batch_size or self.failed:
-            self._body(inp)
-            return
+            return self._body(inp)
         if self.input is None:
             self.input = torch.empty_like(inp)
         self.input.copy_(inp)
@@ -203,10 +232,10 @@ class GraphStep:
                 side = torch.cuda.Stream(self.trainer.device)
                 side.wait_stream(torch.cuda.current_stream(self.trainer.device))
                 with torch.cuda.stream(side):
-                    self._body(self.input)
+                    stats = self._body(self.input)
                 torch.cuda.current_stream(self.trainer.device).wait_stream(side)
-                return
+                return stats
             if not self._capture():
-                self._body(self.input)
-                return
+                return self._body(self.input)
         self.graph.replay()
+        return self._stats

@@ -45,7 +45,7 @@ class MLPDecoder(nn.Module):
         self.returns_logits = returns_logits
 
     def linears(self) -> list[nn.Linear]:
-        return [getattr(self, f"fc{i + 1}") for i in range(self.depth)]
+        return [self._modules[f"fc{i + 1}"] for i in range(self.depth)]  # type: ignore[misc]  (Module.__getattr__ costs more)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         layers = self.linears()

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from . import _checks, callbacks as callbacks_, checkpoint, distributed, graphs, stream
+from . import _checks, _memory, callbacks as callbacks_, checkpoint, distributed, graphs, mlp_step, stream
 from .iwae import iwae_terms
 from .schedules import SCHEDULES, kl_weight
 
@@ -137,7 +137,7 @@ class Trainer:
             raise ValueError(f"amp=True is not supported for {type(model).__name__}, which makes its own updates (training_step); drop --amp")
         self.out_dir = Path(out_dir) if out_dir is not None else None
         make_optimizer = getattr(model, "make_optimizer", None)  # models with their own training_step (AAE)
-        self.optimizer = make_optimizer(self.config.lr) if make_optimizer else _adam(self.model.parameters(), self.config.lr, self.device)
+        self.optimizer = make_optimizer(self.config.lr) if make_optimizer else mlp_step.make_optimizer(self.model, self.config.lr, flat=not distributed.active())
         self.data_seed = self.config.seed if self.config.seed is not None else stream.random_seed()  # the batch order's
         if self.config.seed is not None:
             torch.manual_seed(self.config.seed)
@@ -158,6 +158,7 @@ class Trainer:
         self.should_stop = False  # a callback sets it to end the run after the current epoch (early stopping)
         self.history: list[dict[str, float]] = []
         self._graph: graphs.GraphStep | None = None
+        self._fused: mlp_step.MLPStep | None = None  # the hand-written step, where it covers the model
 
     def _open(self, images: Any, labels: torch.Tensor | None) -> None:
         """The batch source (fastvae.stream.source) for the data; self.data and self.labels hold resident data, else None."""
@@ -220,7 +221,6 @@ class Trainer:
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self._emit = callbacks_.Dispatch(self, self.callbacks + ([callbacks_.EpochFunction(on_epoch)] if on_epoch else []))
-        self._graph = graphs.engine(self)
         # The data was validated once (stream.prepare_data): no separate Python value passes per step. The fused kernels'
         # flags stay on (they cost nothing) and are read at every logging step (_check_values), on CPU too.
         self._checked_step = self.step
@@ -228,7 +228,10 @@ class Trainer:
         status, self.should_stop = "failed", False
         try:
             self._emit("on_run_start")
-            with _checks.python_passes(False), _checks.deferred(), graphs.tf32(self.config.tf32), self.source.running():
+            with _checks.python_passes(False), _checks.deferred(), graphs.tf32(self.config.tf32), self.source.running(), \
+                    mlp_step.packed(self.optimizer), _memory.heap_reuse(self.device):
+                self._fused = mlp_step.engine(self)  # the hand-written step (after the arena is packed), or None
+                self._graph = graphs.engine(self)
                 while self.epoch < self.config.epochs and not self.should_stop:
                     self.history.append(self._epoch())
                     self.epoch += 1
@@ -261,6 +264,8 @@ class Trainer:
                 terms = self._graph.step(batch.rows if batch.x is None else batch.x)  # the whole step, the update included (so checked after it)
             elif custom_step is not None:
                 terms = custom_step(self.source.pixels(batch), self.optimizer, beta=beta, **condition)
+            elif self._fused is not None:
+                terms = self._fused.step(self.source.pixels(batch), beta)  # the update included
             else:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.amp):
                     terms, objective = self._objective(batch, beta, condition)
@@ -268,7 +273,7 @@ class Trainer:
                 objective.backward()
             if c.check_finite and not bool(torch.isfinite(terms.loss)):
                 raise FloatingPointError(f"the loss became {terms.loss.item()} at step {self.step} (epoch {self.epoch + 1}); lower lr, check the data, or resume from the last checkpoint")
-            if custom_step is None and self._graph is None:
+            if custom_step is None and self._graph is None and self._fused is None:
                 self.optimizer.step()
             window += torch.stack([terms.loss.detach(), terms.recon, terms.kl]).to(torch.float64)
             self.step += 1
@@ -329,12 +334,3 @@ def restore_rng(rng: dict[str, torch.Tensor], device: torch.device) -> None:
     torch.set_rng_state(rng["torch"].cpu())
     if "cuda" in rng and device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
-
-
-def _adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
-    """Adam, the fused implementation where this torch offers it for the device."""
-    params = list(params)
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, lr=lr)

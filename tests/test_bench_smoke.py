@@ -28,7 +28,7 @@ def test_smoke_suite_writes_results_chart_and_table_beside_out_only(tmp_path, ca
     doc = json.loads(out.read_text())
     for key in ("device_name", "torch", "triton", "cuda", "command", "git_commit", "date", "results", "skipped"):
         assert key in doc
-    ops = [r for r in doc["results"] if r["name"] not in ("reference_run", "dropin.step")]
+    ops = [r for r in doc["results"] if r["name"] not in ("reference_run", "dropin.step", "floor")]
     assert {r["name"] for r in ops} == {"loss.fwd", "loss.fwd_bwd", "reparam.fwd", "reparam.fwd_bwd", "decode.fwd"}
     steps = [r for r in doc["results"] if r["name"] == "dropin.step"]
     assert steps and all(r["median_ms"] > 0 for r in steps)
@@ -44,6 +44,8 @@ def test_smoke_suite_writes_results_chart_and_table_beside_out_only(tmp_path, ca
         assert all(r["peak_mem_mb"] is not None for r in ops)
     skipped = {(s.get("name"), s.get("backend")): s["reason"] for s in doc["skipped"]}
     assert "CUDA tensors" in skipped[("loss.fwd_bwd", "cuda")]
+    floor = [r for r in doc["results"] if r["name"] == "floor"]  # the Trainer's epoch against its matrix products
+    assert len(floor) == 1 and floor[0]["ratio_min"] > 0 and floor[0]["gflops_floor"] > 0 and floor[0]["products_per_step"] == 14
     ref = {r["backend"]: r for r in doc["results"] if r["name"] == "reference_run"}
     assert set(ref) == {"seed-loop", "eager-device", "fastvae"}
     for r in ref.values():
@@ -51,6 +53,7 @@ def test_smoke_suite_writes_results_chart_and_table_beside_out_only(tmp_path, ca
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "cpu-test.md").read_text()
     assert "| loss.fwd_bwd | 64x96x8 | float32 |" in table and "| seed-loop | 512 x 1 |" in table
+    assert "| training step vs its GEMM floor |" in table and "| reference run (1 epochs, 4 steps) |" in table
     assert "docs/performance.md and README.md untouched" in capsys.readouterr().out
 
 

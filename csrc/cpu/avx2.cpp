@@ -15,4 +15,5 @@
 #include "reparam.cpp"
 #include "loss.cpp"
 #include "decode.cpp"
+#include "mlp_step.cpp"
 #endif

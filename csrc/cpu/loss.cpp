@@ -4,17 +4,10 @@
 // Bernoulli from logits in torch's own form, (1 - x) l - min(l, 0) + log1p(exp(-|l|)), so
 // NaN/Inf logits give what F.binary_cross_entropy_with_logits gives; grad sigmoid(l) - x.
 // Gaussian: (l - x)^2, grad 2 (l - x). uint8 targets are read as x / 255, converted in registers.
+#include "args.h"
 #include "common.h"
 
 namespace fastvae::cpu {
-
-template <typename T, typename X>
-struct LossArgs {
-  const T* logits; const X* x; const T* mu; const T* logvar;
-  T* recon; T* kl; T* grad_logits; T* grad_mu; T* grad_logvar;  // grads null when not needed
-  int64_t rows, dim, latent; T beta, scale; bool gaussian;
-  FlagSink* flags;  // null: no value checks
-};
 
 namespace FASTVAE_ISA {
 
@@ -153,12 +146,6 @@ template void loss_forward<double, uint8_t>(const LossArgs<double, uint8_t>&);
 #include "../ops.h"
 
 namespace fastvae::cpu {
-#if FASTVAE_HAVE_AVX2_COPY
-namespace avx2 {
-template <typename T, typename X> void loss_forward(const LossArgs<T, X>&);
-}  // namespace avx2
-#endif
-
 LossOutputs loss_forward(const at::Tensor& logits, const at::Tensor& x_in, const at::Tensor& mu, const at::Tensor& logvar,
                          const OptTensor& beta_t, double beta, bool gaussian, bool need_grad, double scale,
                          const OptTensor& flags) {

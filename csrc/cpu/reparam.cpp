@@ -6,23 +6,10 @@
 // the draw alone costs about 1.9 ns per element here (AVX2, one thread), more than this whole
 // backward (about 1.6 ns per element at B=65536, L=20), and z - mu is exact to float rounding for
 // float32/float64 (this kernel's dtypes). The GPU kernels draw eps again (exact under bf16, no z read).
+#include "args.h"
 #include "common.h"
 
 namespace fastvae::cpu {
-
-template <typename T>
-struct ReparamForwardArgs {
-  const T* mu; const T* logvar; T* z; T* kl;  // kl null when not needed
-  int64_t rows, dim, k; uint64_t seed;
-  FlagSink* flags;  // null: no value checks
-};
-
-template <typename T>
-struct ReparamBackwardArgs {
-  const T* grad_z; const T* grad_kl; const T* mu; const T* logvar; const T* z;  // grad_kl may be null
-  T* grad_mu; T* grad_logvar;
-  int64_t rows, dim, k;
-};
 
 namespace FASTVAE_ISA {
 
@@ -141,9 +128,7 @@ template void reparam_backward<double>(const ReparamBackwardArgs<double>&);
 
 namespace fastvae::cpu {
 #if FASTVAE_HAVE_AVX2_COPY
-namespace avx2 {
-template <typename T> void reparam_forward(const ReparamForwardArgs<T>&);
-template <typename T> void reparam_backward(const ReparamBackwardArgs<T>&);
+namespace avx2 {  // the kernels' AVX2 copies are declared in args.h
 void philox_words(uint64_t seed, uint64_t first, int64_t counters, int64_t* out);
 }  // namespace avx2
 #endif

@@ -7,9 +7,12 @@ from functools import partial
 
 from .. import backends
 from .._extension import load_ops
-from .._triton import OPS, load_kernels
+from .._triton import TRITON_OPS, load_kernels
+from ..backends import OPS, STEP_OPS
 
-for _op in OPS:
+for _op in TRITON_OPS:
     backends.register(_op, "triton", partial(load_kernels, _op))
+for _op in OPS + STEP_OPS:
     backends.register(_op, "cpp", partial(load_ops, _op, "cpu"))
+for _op in OPS:
     backends.register(_op, "cuda", partial(load_ops, _op, "cuda"))

