@@ -175,6 +175,23 @@ def test_tensorboard_images_of_colour_conv_and_a_users_module(tmp_path):
     assert acc.Scalars("train/loss") and [i.height for i in acc.Images("reconstructions")] == [8 * 30 + 2]
 
 
+def test_fit_passes_callbacks_to_its_trainer_and_they_can_stop_it(real_data):
+    from user_vaes import CASES
+
+    class StopAfterFirst(Recorder):
+        def on_epoch_end(self, trainer, record, model):
+            super().on_epoch_end(trainer, record, model)
+            trainer.should_stop = True
+
+    rec = StopAfterFirst()
+    history = fastvae.fit(CASES[0].model(), real_data.images[:N], epochs=3, batch_size=BATCH, device="cpu", progress=False,
+                          log_every=2, callbacks=[rec])
+    assert len(history) == 1 and rec.events[0] == ("start", 0) and rec.events[-1] == ("end", "finished")
+    assert [e[1] for e in rec.events if e[0] == "epoch"] == [1]
+    with pytest.raises(TypeError, match="callbacks"):
+        fastvae.fit(CASES[0].model(), real_data.images[:N], epochs=1, device="cpu", progress=False, callbacks=[object()])
+
+
 def test_logger_overhead_benchmark_runs(real_data, capsys):
     pytest.importorskip("tensorboard", reason="pip install 'fastvae[tensorboard]' to run the TensorBoard tests")
     from benchmarks import logger_overhead

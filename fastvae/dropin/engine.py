@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -142,7 +142,7 @@ class DropinModel(LatentModel):
 
 def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None, *, epochs: int = 10, batch_size: int = 128,
         lr: float = 1e-3, beta: float = 1.0, likelihood: str | None = None, device: str | torch.device | None = "auto",
-        out_dir: str | os.PathLike | None = None, **config: Any) -> list[dict[str, float]]:
+        out_dir: str | os.PathLike | None = None, callbacks: Sequence[Any] | None = None, **config: Any) -> list[dict[str, float]]:
     """Train a user's own VAE module with fastvae's engine; returns the per-epoch history.
 
     images: (N, ...) uint8 pixels (read as x / 255) or floats, each sample shaped as the module's
@@ -150,8 +150,9 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = No
     or a ``DataLoader`` (see ``fastvae.Trainer``; their labels are not passed to the module);
     labels: with a tensor, passed as forward(x, labels) when given. The objective is the
     negative ELBO summed over the batch (``likelihood`` as in ``DropinModel``), optimised with
-    Adam(lr); further ``fastvae.TrainConfig`` fields go in ``config``. The module is trained in
-    place and ends on ``device``.
+    Adam(lr); further ``fastvae.TrainConfig`` fields go in ``config`` (``logger="tensorboard"``
+    with ``out_dir``); ``callbacks`` as in ``fastvae.Trainer`` (``fastvae.callbacks``). The module
+    is trained in place and ends on ``device``.
     """
     from ..stream import head
     from ..trainer import TrainConfig, Trainer
@@ -170,4 +171,4 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = No
     adapter = DropinModel(model, tuple(first.shape[1:]), likelihood=likelihood, conditional=labels is not None,
                           example=example, labels=first_labels)
     train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, beta=beta, **config)
-    return Trainer(adapter, images, train, device=device, out_dir=out_dir, labels=labels).fit()
+    return Trainer(adapter, images, train, device=device, out_dir=out_dir, labels=labels, callbacks=callbacks).fit()
