@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ import torch
 
 import fastvae
 from fastvae import callbacks
+
+from . import run as bench_run
 
 LOGGERS = ("jsonl", "tensorboard")
 TARGET = 1.03
@@ -64,7 +67,7 @@ def run(*, rounds: int = 5, epochs: int = 10, samples: int | None = None, device
                 print(json.dumps({"round": r, "logger": logger, "seconds": round(s, 3)}), flush=True)
     jsonl, board = seconds["jsonl"], seconds["tensorboard"]
     ratio_min = min(board) / min(jsonl)
-    return {"name": "logger_overhead", "device": dev.type, "threads": torch.get_num_threads(), "samples": len(images), "epochs": epochs,
+    return {"name": "logger_overhead", "part": "logger_overhead", "device": dev.type, "threads": torch.get_num_threads(), "samples": len(images), "epochs": epochs,
             "rounds": rounds, "seconds": seconds, "min_s": {k: min(v) for k, v in seconds.items()},
             "median_s": {k: statistics.median(v) for k, v in seconds.items()}, "ratio_min": ratio_min,
             "ratio_median": statistics.median(board) / statistics.median(jsonl),
@@ -85,10 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.rounds, args.epochs, args.samples = 2, 1, 512
     result = run(rounds=args.rounds, epochs=args.epochs, samples=args.samples, device=args.device, data_dir=args.data_dir)
-    text = json.dumps(result, indent=2)
-    print(text)
+    print(json.dumps(result, indent=2))
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        command = ["-m", "benchmarks.logger_overhead", *(argv if argv is not None else sys.argv[1:])]
+        doc = {"meta": bench_run.meta(fastvae.trainer.resolve_device(args.device), command), "results": [result]}
+        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     return 0
 
 

@@ -24,6 +24,10 @@ BASELINES = ("eager-best", "eager-seed", "compile", "compile-seed")
 FASTVAE = ("torch", "triton", "cpp", "cuda")
 NOCHECKS = "-nochecks"
 NOT_OPS = ("reference_run", "dropin.step", "floor")
+DATA = RESULTS / "data"  # the data path's and the tools' results (benchmarks.stream, prepare_bench, logger_overhead)
+DATA_BLOCK = ("<!-- data:start -->", "<!-- data:end -->")  # in README and docs/performance.md
+README_PARTS = ("train", "conv", "loader", "memory", "prepare")
+DATA_PARTS = (*README_PARTS, "logger_overhead")  # the table's row order
 
 
 def load_all(results_dir: Path = RESULTS) -> list[dict]:
@@ -221,6 +225,43 @@ def headline_block(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _data_row(part: str, r: dict) -> tuple[str, str, str]:
+    """(what, measured, target) for one record of a data-path results file."""
+    if part == "train":
+        return ("reference MLP epoch, streamed from shards vs resident", f"{r['speed_ratio']:.2f}x", ">= 0.95x")
+    if part == "conv":
+        side = r["shape"][-1]
+        return (f"conv VAE epoch ({r['images']} images {side}x{side}x3), streamed vs resident", f"{r['speed_ratio']:.2f}x", ">= 0.95x")
+    if part == "loader":
+        best = {k: max(v) for k, v in r["batches_per_s"].items()}
+        return ("loader alone: batches/s vs DataLoader default / 2 workers pinned",
+                f"{r['vs_default']:.1f}x / {r['vs_2_workers_pinned']:.1f}x ({best['fastvae']:.0f} batches/s)", ">= 3x / >= 1x")
+    if part == "memory":
+        return (f"RssAnon streaming a {r['set_bytes'] / 2**30:.1f} GiB set", f"{r['rss_anon_peak'] / 2**20:.0f} MiB", "< 1024 MiB")
+    if part == "prepare":
+        return (f"`fastvae prepare`, 2 workers vs a 1-process Pillow loop ({r['images']} images)",
+                f"{r['ratio_prepare2_vs_loop']:.2f}x", ">= 1.8x")
+    assert part == "logger_overhead", part
+    return ("reference run with `--logger tensorboard` vs JSONL only", f"{r['ratio_min']:.3f}x", "<= 1.03x")
+
+def data_block(results_dir: Path = DATA, parts: tuple[str, ...] | None = None) -> str:
+    """Markdown: the latest record of each data-path part (per device), with its target and the command that measured it."""
+    latest: dict[tuple[str, str], tuple[dict, dict]] = {}
+    for f in sorted(Path(results_dir).glob("*.json")):
+        doc = json.loads(f.read_text())
+        for r in doc["results"]:
+            key = (doc["meta"]["device_name"], r["part"])
+            if r["part"] in DATA_PARTS and (key not in latest or latest[key][0]["date"] <= doc["meta"]["date"]):
+                latest[key] = (doc["meta"], r)
+    lines = ["| device | measured | result | target | command |", "| --- | --- | --- | --- | --- |"]
+    for (device, part), (meta, r) in sorted(latest.items(), key=lambda kv: (kv[0][0], DATA_PARTS.index(kv[0][1]))):
+        if parts is None or part in parts:
+            row = _data_row(part, r)
+            met = "" if r.get("met", True) else " (not met)"
+            lines.append(f"| {device}, {meta['date'][:10]} | {row[0]} | **{row[1]}**{met} | {row[2]} | `{meta['command']}` |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def rewrite_block(path: str | Path, text: str, markers: tuple[str, str] = (START, END)) -> bool:
     """Replace what lies between the markers in `path` with `text`; False if the markers are absent."""
     path = Path(path)
@@ -233,11 +274,15 @@ def rewrite_block(path: str | Path, text: str, markers: tuple[str, str] = (START
     return True
 
 
-def publish(runs: list[dict], doc: str | Path, readme: str | Path | None) -> None:
-    """Rewrite the tables in `doc` and, when given, the headline in `readme`; says what it wrote."""
+def publish(runs: list[dict], doc: str | Path, readme: str | Path | None, data_dir: Path = DATA) -> None:
+    """Rewrite the tables in `doc` and, when given, the headline in `readme`, and in both the data path's table
+    (benchmarks/results/data/: all parts in `doc`, README_PARTS in `readme`); says what it wrote."""
+    data_all, data_front = data_block(data_dir), data_block(data_dir, README_PARTS)
     for path, text, markers, what in ((doc, tables_block(runs), (START, END), "the performance tables"),
-                                      (readme, headline_block(runs), HEADLINE, "the headline")):
-        if path is None:
+                                      (readme, headline_block(runs), HEADLINE, "the headline"),
+                                      (doc, data_all, DATA_BLOCK, "the data path's table"),
+                                      (readme, data_front, DATA_BLOCK, "the data path's table")):
+        if path is None or (not text and markers == DATA_BLOCK):  # no data-path results yet: the block stays as it is
             continue
         if Path(path).exists() and rewrite_block(path, text, markers):
             print(f"rewrote {what} in {path}")
@@ -326,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = load_all(Path(args.results_dir))
     if runs:
         print(f"wrote {chart(runs, Path(args.results_dir) / 'chart.png')}")
-        publish(runs, args.doc, args.readme)
+        publish(runs, args.doc, args.readme, Path(args.results_dir) / "data")
     return 0
 
 

@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     if runs:
         print(f"wrote {report.chart(runs, chart_dir / 'chart.png')}")
         if publish or args.doc:
-            report.publish(runs, args.doc or ROOT / report.DOC, ROOT / "README.md" if publish else None)
+            report.publish(runs, args.doc or ROOT / report.DOC, ROOT / "README.md" if publish else None,
+                           (results_dir or Path(report.RESULTS)) / "data")
         else:
             table = out.with_suffix(".md")
             table.write_text(report.tables_block(runs))

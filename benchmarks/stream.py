@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 import fastvae
 from fastvae import shards, stream
 
-from . import make_shards
+from . import make_shards, run
 
 PARTS = ("loader", "train", "conv", "memory")
 SIZES = {  # images for train / loader and for conv on CPU (all 60,000 on CUDA), rounds, GiB of the memory part's set
@@ -233,10 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="fastvae-bench-stream-"))
     workdir = Path(args.workdir) if args.workdir else tmp
     out = Path(args.out) if args.out else tmp / "stream.json"
-    results = {"meta": {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-                        "threads": torch.get_num_threads(), "torch": torch.__version__, "preset": preset,
-                        "command": " ".join(["python", "-m", "benchmarks.stream", *(argv if argv is not None else sys.argv[1:])]),
-                        "load_avg_start": os.getloadavg()[0], "date": time.strftime("%Y-%m-%dT%H:%M:%S")}, "results": []}
+    command = ["-m", "benchmarks.stream", *(argv if argv is not None else sys.argv[1:])]
+    results = {"meta": run.meta(device, command) | {"threads": torch.get_num_threads(), "preset": preset}, "results": []}
     try:
         if {"train", "loader"} & set(parts):
             images, labels = fashion(max(sz["train"], sz["loader"]))

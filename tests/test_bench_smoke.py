@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _committed_state() -> dict[str, str]:
     """Hash of README.md, docs/performance.md and every file under benchmarks/results."""
-    files = [ROOT / "README.md", ROOT / report.DOC, *sorted((ROOT / "benchmarks" / "results").iterdir())]
+    files = [ROOT / "README.md", ROOT / report.DOC, *sorted(f for f in (ROOT / "benchmarks" / "results").rglob("*") if f.is_file())]
     return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
@@ -214,3 +214,39 @@ def test_merge_replaces_equal_records_and_refuses_mixed_devices(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({**head, "device_name": "Y"}))
     with pytest.raises(ValueError, match="different devices"):
         report.merge([tmp_path / "a.json", tmp_path / "c.json"])
+
+
+def test_data_path_table_takes_the_latest_record_of_each_part_with_its_command(tmp_path):
+    """benchmarks/results/data/ (benchmarks.stream, prepare_bench, logger_overhead) -> the data table of README and docs."""
+    def write(name, date, command, results):
+        meta = {"device_name": "CPU X (2 threads)", "date": date, "command": command}
+        (tmp_path / name).write_text(json.dumps({"meta": meta, "results": results}))
+
+    write("stream-old.json", "2030-01-01T00:00", "python -m benchmarks.stream", [{"part": "train", "speed_ratio": 0.5, "met": False}])
+    write("stream-new.json", "2030-01-02T00:00", "python -m benchmarks.stream --parts train,memory",
+          [{"part": "train", "speed_ratio": 0.97, "met": True},
+           {"part": "memory", "set_bytes": 4 * 2**30, "rss_anon_peak": 300 * 2**20, "met": True}])
+    write("prepare.json", "2030-01-01T00:00", "python -m benchmarks.prepare_bench",
+          [{"part": "prepare", "images": 6000, "ratio_prepare2_vs_loop": 1.5, "met": False}])
+    write("logger.json", "2030-01-01T00:00", "python -m benchmarks.logger_overhead",
+          [{"part": "logger_overhead", "ratio_min": 1.01, "met": True}])
+    rows = report.data_block(tmp_path).splitlines()[2:]
+    assert len(rows) == 4 and not any("0.50x" in r for r in rows)
+    assert "| **0.97x** | >= 0.95x | `python -m benchmarks.stream --parts train,memory` |" in rows[0]
+    assert "4.0 GiB set | **300 MiB** | < 1024 MiB |" in rows[1]
+    assert "**1.50x** (not met) | >= 1.8x |" in rows[2] and "**1.010x**" in rows[3]
+    front = report.data_block(tmp_path, report.README_PARTS)
+    assert "logger" not in front and len(front.splitlines()) == 5
+    assert report.data_block(tmp_path / "none") == ""
+
+
+def test_readme_and_docs_numbers_are_what_the_committed_results_give():
+    """README's headline and data table, and docs/performance.md's tables, are the report of benchmarks/results/ as committed."""
+    readme, doc = (ROOT / "README.md").read_text(), (ROOT / report.DOC).read_text()
+    runs = report.load_all()
+    assert f"{report.HEADLINE[0]}\n{report.headline_block(runs)}{report.HEADLINE[1]}" in readme
+    assert f"{report.START}\n{report.tables_block(runs)}{report.END}" in doc
+    data = report.data_block()
+    assert data, "no data-path results committed under benchmarks/results/data/"
+    assert f"{report.DATA_BLOCK[0]}\n{report.data_block(parts=report.README_PARTS)}{report.DATA_BLOCK[1]}" in readme
+    assert f"{report.DATA_BLOCK[0]}\n{data}{report.DATA_BLOCK[1]}" in doc
