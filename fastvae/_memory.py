@@ -7,9 +7,12 @@ page of them again, every step: 40% of vanilla_conv64's CPU step in tests/user_v
 the kernel's page faults, measured with perf. Within ``heap_reuse`` the heap serves them and
 keeps what is freed (mallopt M_MMAP_MAX 0, M_TRIM_THRESHOLD 1 GiB): the next step reuses the
 memory of the last (1.8x faster for that model on one thread; nothing changes for the reference
-MLP, whose tensors stay below the threshold anyway). Afterwards mmap serves large blocks again
-and the heap gives memory back above 64 MiB (a fixed threshold from then on, the one glibc's
-adaptive rule tends to). Nothing happens off glibc.
+MLP, whose tensors stay below the threshold anyway). Any mallopt call freezes glibc's adaptive
+thresholds for the rest of the process, so on leaving, both are set where that rule ends for a
+process that frees large tensors: blocks above 32 MiB mmapped, the heap trimmed above 64 MiB.
+Leaving them frozen where they stood would map every later allocation above them afresh (the
+user's own loop after ``fit`` ran 2-3x slower on a conv VAE; tests/test_memory.py). Nothing
+happens off glibc.
 """
 from __future__ import annotations
 
@@ -21,9 +24,10 @@ from typing import Iterator
 
 import torch
 
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters
 MMAP_MAX_DEFAULT = 65536
-TRIM_AFTER = 64 << 20
+MMAP_THRESHOLD_MAX = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: where the adaptive threshold stops
+TRIM_AFTER = 2 * MMAP_THRESHOLD_MAX  # the adaptive rule keeps the trim threshold at twice the mmap threshold
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -48,4 +52,5 @@ def heap_reuse(device: torch.device) -> Iterator[None]:
         yield
     finally:
         libc.mallopt(M_MMAP_MAX, MMAP_MAX_DEFAULT)
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
         libc.mallopt(M_TRIM_THRESHOLD, TRIM_AFTER)
