@@ -184,5 +184,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="interleaved drop-in step timings (python -m benchmarks.test_dropin)")
     parser.add_argument("--seconds", type=float, default=600)
     parser.add_argument("--models", default="", help="comma-separated names (default: all of the preset)")
+    parser.add_argument("--out", default=None, help="also write the result here, with the device, versions and command")
     args = parser.parse_args()
-    print(json.dumps(interleaved(args.seconds, [n for n in args.models.split(",") if n]), indent=1))
+    result = interleaved(args.seconds, [n for n in args.models.split(",") if n])
+    print(json.dumps(result, indent=1))
+    if args.out:
+        from . import run
+
+        doc = {"meta": run.meta(DEV, ["-m", "benchmarks.test_dropin", *sys.argv[1:]]) | {"preset": common.preset()}, "results": result}
+        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
