@@ -3,9 +3,9 @@
 ``Resident``  the data set held on the training device as one tensor; each batch is gathered there
               by its row indices (inside the CUDA graph when one replays the step).
 ``Streamed``  rows read from memory-mapped shards (``fastvae.data.open``), a CPU tensor or a
-              map-style ``torch.utils.data.Dataset``: background threads gather each batch into a
-              ring of host buffers (pinned where CUDA exists), copied to the device on a side stream,
-              ``prefetch`` batches in flight; the step reads the device buffer.
+              map-style ``torch.utils.data.Dataset``: each batch is gathered into a ring of host
+              buffers (on CUDA by background threads into pinned buffers, copied to the device on a
+              side stream, ``prefetch`` batches in flight; on CPU by the training thread itself).
 ``Loaded``    a ``torch.utils.data.DataLoader``, iterated as given; batches go to the device with
               pinned memory and non_blocking copies.
 
@@ -127,7 +127,7 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
 
 
-# -- row readers: gather rows into a host buffer (background threads) ------------------------------------------------
+# -- row readers: gather rows into a host buffer (on a reader thread or the training thread) ----------------------------
 
 def is_shardset(data: Any) -> bool:
     """A ``fastvae.data.open`` set (duck-typed: memory-mapped shards and their offsets)."""
@@ -284,18 +284,23 @@ class Streamed(_Source):
     soon as its rows are gathered (several in flight), the training stream waits on the copy's event
     (no host sync), a device slot is overwritten only after the step that read it (an event the
     side stream waits on) and a host slot only after the copy that read it (the reader waits).
-    On CPU the step reads the host slot itself.
+    On CPU the step reads the host slot itself, and by default (threads=0) the training thread
+    fills it just before: from the page cache a gather is ~10 us, cheaper than a reader thread
+    whose wake-ups take a core from the step's OpenMP threads (2 cores, vs resident: 1.03x
+    inline, 0.91-0.98x with 2 readers; benchmarks/stream.py measures both). threads > 0 overlaps disk reads.
     """
 
     resident = False
 
     def __init__(self, reader: ArrayRows | DatasetRows, batch_size: int, device: torch.device, *, rank: int = 0, world: int = 1,
-                 prefetch: int = 4, threads: int = 2, why: str = "") -> None:
+                 prefetch: int = 4, threads: int | None = None, why: str = "") -> None:
+        if threads is None:
+            threads = 2 if device.type == "cuda" else 0
         self.reader, self.batch_size, self.device, self.rank, self.world = reader, batch_size, device, rank, world
         self.count, self.why, self.threads, self.sample_shape = reader.count, why, threads, reader.sample_shape
         self.data = None
         self.labels = None  # per batch, from the reader
-        self.prefetch = math.ceil(max(2, prefetch) / threads) * threads
+        self.prefetch = math.ceil(max(2, prefetch) / max(1, threads)) * max(1, threads)
         width = math.prod(reader.sample_shape)
         rows = math.ceil(batch_size / world)
         cuda = device.type == "cuda"
@@ -323,7 +328,8 @@ class Streamed(_Source):
 
     def describe(self) -> str:
         why = f", {self.why}" if self.why else ""
-        return f"streamed to {self.device} ({self.prefetch} batches in flight, {self.threads} reader threads{why})"
+        readers = f"{self.threads} reader thread{'s' if self.threads > 1 else ''}" if self.threads else "gathered on the training thread"
+        return f"streamed to {self.device} ({self.prefetch} batches in flight, {readers}{why})"
 
     def _batches(self, epoch: int, seed: int) -> Iterator[Batch]:
         order = epoch_order(self.count, self.batch_size, seed, epoch).numpy()
@@ -341,6 +347,13 @@ class Streamed(_Source):
         stop = threading.Event()
         done: list[int] = []  # slots the steps are done with, handed back `burst` at a time
 
+        def fill(i: int) -> None:
+            """Gather batch i's rows into its host slot."""
+            slot, rows = i % S, plan[i][0]
+            if cuda and self._used[slot]:
+                self.copied[slot].synchronize()  # the copy that last read this host slot has finished
+            self.reader.gather(rows, self._host_np[slot, :len(rows)], self._labels_np[slot, :len(rows)] if self._labels_np is not None else None)
+
         def read(t: int) -> None:
             for i in range(t, steps, self.threads):
                 slot = i % S
@@ -348,10 +361,7 @@ class Streamed(_Source):
                 if stop.is_set():
                     return
                 try:
-                    if cuda and self._used[slot]:
-                        self.copied[slot].synchronize()  # the copy that last read this host slot has finished
-                    rows = plan[i][0]
-                    self.reader.gather(rows, self._host_np[slot, :len(rows)], self._labels_np[slot, :len(rows)] if self._labels_np is not None else None)
+                    fill(i)
                 except BaseException as exc:  # noqa: BLE001 - handed to the training thread, which raises it
                     errors.append(exc)
                     stop.set()
@@ -359,7 +369,12 @@ class Streamed(_Source):
                     return
                 filled[slot].release()
 
-        def take(slot: int) -> None:
+        def take(i: int) -> None:
+            """Batch i's slot, once it is filled (inline: filled here, on the training thread)."""
+            if not self.threads:
+                fill(i)
+                return
+            slot = i % S
             while not filled[slot].acquire(timeout=0.05):
                 if errors:  # a reader failed (and the others stopped): its error, not a wait for a batch that never comes
                     raise errors[0]
@@ -389,10 +404,10 @@ class Streamed(_Source):
                 b = len(rows)
                 if cuda:
                     if issued == i:
-                        take(slot)
+                        take(i)
                         issue(i)
                         issued += 1
-                    while issued < min(i + S, steps) and filled[issued % S].acquire(blocking=False):
+                    while self.threads and issued < min(i + S, steps) and filled[issued % S].acquire(blocking=False):
                         if errors:
                             raise errors[0]
                         issue(issued)
@@ -400,13 +415,13 @@ class Streamed(_Source):
                     torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
                     x, labels = self.dev[slot, :b], (self.dev_labels[slot, :b] if self.dev_labels is not None else None)
                 else:
-                    take(slot)
+                    take(i)
                     x, labels = self.host[slot, :b], (self.host_labels[slot, :b] if self.host_labels is not None else None)
                 yield Batch(torch.from_numpy(rows), x, lo, size, labels)
                 if cuda:
                     self.freed[slot].record(torch.cuda.current_stream(self.device))
                 done.append(slot)
-                if len(done) >= self.burst:
+                if self.threads and len(done) >= self.burst:
                     for s in done:
                         free[s].release()
                     done.clear()
@@ -524,7 +539,7 @@ def image_shape(shape: Sequence[int]) -> tuple[int, int, int] | None:
 
 
 def source(data: Any, *, input_dim: int, likelihood: str, batch_size: int, device: torch.device, stream: bool | None,
-           labels: torch.Tensor | None, conditional: bool, rank: int = 0, world: int = 1, prefetch: int = 4, threads: int = 2
+           labels: torch.Tensor | None, conditional: bool, rank: int = 0, world: int = 1, prefetch: int = 4, threads: int | None = None
            ) -> Resident | Streamed | Loaded:
     """The batch source for `data` (a tensor, a shard set, a Dataset or a DataLoader), after its checks."""
     from torch.utils.data import DataLoader, Dataset

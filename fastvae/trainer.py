@@ -51,13 +51,15 @@ class TrainConfig:
     check_finite: bool = False  # raise, naming the step, as soon as the loss is NaN/Inf (one sync per step)
     stream: bool | None = None  # None: stream the data when they take > half the device's free memory (fastvae.stream.decide); True/False force it
     prefetch: int = 4  # streaming: batches in flight (host buffers, and as many device buffers on CUDA)
-    read_threads: int = 2  # streaming: background threads gathering batches
+    read_threads: int | None = None  # streaming: background threads gathering batches (None: 0 on CPU, 2 on CUDA; see fastvae.stream)
     logger: str = "jsonl"  # "tensorboard": TensorBoard event files in the run folder too (metrics.jsonl is always written)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, stored in checkpoints (dataset name, ...)
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size", "log_every", "read_threads"):
+        for name in ("epochs", "batch_size", "log_every"):
             _checks.positive_int(name, getattr(self, name))
+        if self.read_threads is not None:
+            _checks.positive_int("read_threads", self.read_threads, minimum=0)
         _checks.positive_int("prefetch", self.prefetch, minimum=2)
         if self.stream not in (None, True, False):
             raise ValueError(f"stream must be None (the rule), True or False, got {self.stream!r}")

@@ -110,7 +110,11 @@ def test_streamed_and_resident_training_give_bit_identical_parameters(tmp_path):
     resident = _train(ds, stream=False)
     streamed = _train(ds, stream=True, prefetch=3, read_threads=2)
     assert resident.source.resident and not streamed.source.resident
+    assert "2 reader threads" in streamed.source.describe()
     _same(resident, streamed)
+    inline = _train(ds, stream=True)  # CPU's default: each batch gathered on the training thread
+    assert "gathered on the training thread" in inline.source.describe()
+    _same(resident, inline)
     _same(resident, _train(images))  # the tensor itself, resident as before
     _same(resident, _train(images, stream=True))  # a CPU tensor streamed from host memory
     _same(resident, _train(_Items(images)))  # a user's Dataset, read item by item on the same order
@@ -133,13 +137,15 @@ def test_the_rule_streams_what_does_not_fit(monkeypatch, tmp_path):
     assert source.nbytes_ring() == cfg.prefetch * BATCH * SIDE * SIDE
 
 
-def test_an_error_in_a_step_stops_the_readers_and_the_next_epoch_starts_clean(tmp_path):
+@pytest.mark.parametrize("read_threads", [0, 2])
+def test_an_error_in_a_step_stops_the_readers_and_the_next_epoch_starts_clean(tmp_path, read_threads):
     import threading
 
     ds = _write(tmp_path, _images())
     torch.manual_seed(0)
     model = fastvae.VAE(input_dim=SIDE * SIDE, hidden_dims=(16,), latent_dim=3)
-    trainer = fastvae.Trainer(model, ds, fastvae.TrainConfig(epochs=1, batch_size=BATCH, stream=True, progress=False), device="cpu")
+    cfg = fastvae.TrainConfig(epochs=1, batch_size=BATCH, stream=True, progress=False, read_threads=read_threads)
+    trainer = fastvae.Trainer(model, ds, cfg, device="cpu")
     before, calls, real = threading.active_count(), [0], model.loss_terms
 
     def failing(*args, **kwargs):
