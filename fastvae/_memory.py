@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import platform
 from typing import Iterator
 
@@ -30,7 +31,9 @@ MMAP_THRESHOLD_MAX = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: w
 TRIM_AFTER = 2 * MMAP_THRESHOLD_MAX  # the adaptive rule keeps the trim threshold at twice the mmap threshold
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
+    """glibc, looked up once (find_library runs ldconfig: milliseconds)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:

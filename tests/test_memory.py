@@ -54,3 +54,21 @@ def test_heap_reuse_does_nothing_for_cuda_devices():
     finally:
         _memory._libc = real
     assert calls == []
+
+
+def test_glibc_is_looked_up_once_not_at_every_entry(monkeypatch):
+    """find_library runs ldconfig (about 2.6 ms): looked up at every entry, it cost each drop-in benchmark step that much."""
+    import ctypes.util
+
+    import torch
+
+    from fastvae import _memory
+
+    _memory._libc.cache_clear()
+    calls = []
+    real = ctypes.util.find_library
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: calls.append(name) or real(name))
+    for _ in range(3):
+        with _memory.heap_reuse(torch.device("cpu")):
+            pass
+    assert calls == ["c"]
