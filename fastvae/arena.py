@@ -13,6 +13,8 @@ gradient in a step is updated with a zero gradient (its moments decay) instead o
 skipped. A ``layout`` packs chosen parameters next to each other with no gap (fastvae.VAE's
 mu and logvar heads, so that the hand-written step multiplies them as one matrix).
 ``unpack()`` gives every parameter its own storage again (the Trainer calls it when fit ends).
+The Trainer uses it only for models that use every parameter at every step (``uses_every_parameter``:
+fastvae's own), where the second difference changes nothing.
 """
 from __future__ import annotations
 

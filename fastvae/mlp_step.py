@@ -56,9 +56,12 @@ def layout(model: nn.Module) -> list[list[nn.Parameter]]:
 
 
 def make_optimizer(model: nn.Module, lr: float, *, flat: bool = True) -> torch.optim.Optimizer:
-    """FlatAdam over the model's parameters where it can hold them (and `flat`), else torch.optim.Adam (fused where offered)."""
+    """FlatAdam over the model's parameters where it can hold them (and `flat`) and the model uses every one of them at
+    every step (``uses_every_parameter``, fastvae's own models), else torch.optim.Adam (fused where offered). FlatAdam
+    updates a parameter that got no gradient with a zero one (its moments still move it); torch.optim.Adam skips it,
+    and that is what a user's module trained through fastvae.fit gets."""
     params = list(model.parameters())
-    if flat:
+    if flat and getattr(model, "uses_every_parameter", False):
         try:
             return FlatAdam(params, lr, layout=layout(model))
         except ValueError:

@@ -8,6 +8,7 @@ import torch
 import fastvae
 from fastvae import backends as report
 from fastvae.arena import FlatAdam
+from fastvae.iwae import iwae_terms
 from fastvae import mlp_step
 from fastvae.mlp_step import MLPStep, make_optimizer
 from fastvae.ops import bias_grad as bias_grad_op
@@ -197,10 +198,67 @@ def test_flat_adam_views_gathers_stray_grads_and_unpacks():
 
 def test_flat_adam_refuses_mixed_dtypes():
     model = _small()
+    model.uses_every_parameter = True
+    assert isinstance(make_optimizer(model, 1e-3), FlatAdam)
     model[2].double()
     with pytest.raises(ValueError, match="dtypes"):
         FlatAdam(model.parameters())
     assert not isinstance(make_optimizer(model, 1e-3), FlatAdam)
+
+
+@pytest.mark.parametrize("name", fastvae.models.MODELS)
+def test_every_builtin_model_that_gets_flat_adam_uses_every_parameter_at_every_step(name):
+    """FlatAdam gives a parameter with no gradient a zero one (torch.optim.Adam skips it): the same only where every
+    parameter gets a gradient from every step, which `uses_every_parameter` claims for fastvae's own models."""
+    torch.manual_seed(0)
+    model = fastvae.models.for_data(name, (28, 28), hidden_dims=(16,), latent_dim=4).train()
+    if hasattr(model, "training_step"):  # its own optimizers (AAE): not the Trainer's
+        return
+    assert model.uses_every_parameter
+    condition = {"labels": torch.arange(6) % 10} if model.conditional else {}
+    x = torch.randint(0, 256, (6, 784), dtype=torch.uint8)
+    for objective in ("elbo",) if model.conditional else ("elbo", "iwae"):  # the Trainer's IWAE takes no labels
+        model.zero_grad(set_to_none=True)
+        terms = iwae_terms(model, x, 3, beta=1.0) if objective == "iwae" else model.loss_terms(x, **condition)
+        terms.loss.backward()
+        assert [n for n, p in model.named_parameters() if p.grad is None] == [], objective
+
+
+class _Branchy(torch.nn.Module):
+    """A user's VAE whose forward skips a branch on every other call (the branch then gets no gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.mu, self.logvar = torch.nn.Linear(36, 8), torch.nn.Linear(8, 2), torch.nn.Linear(8, 2)
+        self.extra, self.dec, self.calls = torch.nn.Linear(8, 8), torch.nn.Linear(2, 36), 0
+
+    def forward(self, x):
+        self.calls += 1
+        h = torch.relu(self.enc(x.view(x.shape[0], -1)))
+        if self.calls % 2:
+            h = h + self.extra(h)
+        mu, logvar = self.mu(h), self.logvar(h)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        return torch.sigmoid(self.dec(z)), mu, logvar
+
+
+def test_fit_gives_a_users_module_torch_adam_which_leaves_a_skipped_branch_alone():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (8, 6, 6), dtype=torch.uint8)
+    model = _Branchy()
+    trainer = fastvae.Trainer(fastvae.dropin.DropinModel(model, (6, 6), example=images[:4] / 255.0), images,
+                              fastvae.TrainConfig(batch_size=4, progress=False), device="cpu")
+    assert type(trainer.optimizer) is torch.optim.Adam
+    initial = model.extra.weight.detach().clone()
+    trainer.fit()  # one epoch: two steps, the branch used in one of them (it moved) ...
+    before = model.extra.weight.detach().clone()
+    assert not torch.equal(before, initial)
+    model.calls = 1  # ... and skipped on the next step: torch's Adam does not move it (FlatAdam's moments would)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.model.loss_terms(images[:4].view(4, -1)).loss.backward()
+    assert model.extra.weight.grad is None
+    trainer.optimizer.step()
+    assert torch.equal(model.extra.weight, before)
 
 
 # -- the Trainer ---------------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ class DropinModel(LatentModel):
     """
 
     name = "dropin"
+    uses_every_parameter = False  # a user's forward may skip a branch: torch.optim.Adam skips what got no gradient
 
     def __init__(self, module: nn.Module, input_shape: tuple[int, ...], *, likelihood: str | None = None,
                  conditional: bool = False, example: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> None:

@@ -40,6 +40,9 @@ class LatentModel(nn.Module):
 
     name = "vae"  # the key of fastvae.models.MODELS; stored as config()["model"] by the variants
     conditional = False  # True: loss_terms/sample/reconstruct take labels=..., the Trainer feeds them
+    # Every parameter gets a gradient from every training step (tests/test_mlp_step.py checks each model), so FlatAdam's
+    # update, which gives a parameter without one a zero gradient, is torch.optim.Adam's; a user's module may not.
+    uses_every_parameter = True
     input_dim: int
     latent_dim: int
     likelihood: str
