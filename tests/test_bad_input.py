@@ -84,6 +84,7 @@ CASES = [
     ("backend-unknown", lambda: reparameterize(*_latents(), backend="gpu"), ValueError, "backend='gpu' is unknown; use None, 'auto', 'torch'"),
     ("out-dtype-unknown", lambda: decode_latents(_tiny(), n=2, latent_dim=3, out_dtype=torch.int32), ValueError, "out_dtype must be one of"),
     ("config-batch-size-zero", lambda: fastvae.Trainer(_tiny(), torch.rand(4, 6), fastvae.TrainConfig(batch_size=0), device="cpu"), ValueError, "batch_size must be >= 1, got 0"),
+    ("config-read-threads-negative", lambda: fastvae.Trainer(_tiny(), torch.rand(4, 6), fastvae.TrainConfig(read_threads=-1), device="cpu"), ValueError, "read_threads must be >= 0, got -1"),
     ("config-lr-negative", lambda: fastvae.Trainer(_tiny(), torch.rand(4, 6), fastvae.TrainConfig(lr=-1e-3), device="cpu"), ValueError, "lr must be a positive finite number, got -0.001"),
     ("trainer-empty-dataset", lambda: fastvae.Trainer(_tiny(), torch.zeros(0, 6), device="cpu"), ValueError, r"images must be a non-empty batch \(N, ...\), got shape \(0, 6\)"),
     ("trainer-amp-on-cpu", lambda: fastvae.Trainer(_tiny(), torch.rand(4, 6), fastvae.TrainConfig(amp=True), device="cpu"), ValueError, "amp=True .* needs a CUDA device; drop --amp or use device='cuda'"),
