@@ -420,11 +420,12 @@ class Streamed(_Source):
                 yield Batch(torch.from_numpy(rows), x, lo, size, labels)
                 if cuda:
                     self.freed[slot].record(torch.cuda.current_stream(self.device))
-                done.append(slot)
-                if self.threads and len(done) >= self.burst:
-                    for s in done:
-                        free[s].release()
-                    done.clear()
+                if self.threads:  # inline, the slot is refilled by this thread: nothing to hand back
+                    done.append(slot)
+                    if len(done) >= self.burst:
+                        for s in done:
+                            free[s].release()
+                        done.clear()
         finally:
             stop.set()
             for lock in free:  # wake the readers waiting for a slot: they see `stop` and return
