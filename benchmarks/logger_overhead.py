@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -90,9 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run(rounds=args.rounds, epochs=args.epochs, samples=args.samples, device=args.device, data_dir=args.data_dir)
     print(json.dumps(result, indent=2))
     if args.out:
-        command = ["-m", "benchmarks.logger_overhead", *(argv if argv is not None else sys.argv[1:])]
-        doc = {"meta": bench_run.meta(fastvae.trainer.resolve_device(args.device), command), "results": [result]}
-        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+        header = bench_run.module_meta(fastvae.trainer.resolve_device(args.device), "benchmarks.logger_overhead", argv)
+        bench_run.write_results(args.out, header, [result])
     return 0
 
 

@@ -16,7 +16,6 @@ the work done, which the load of other processes does not change). The target is
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import shutil
 import sys
@@ -130,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from . import run as bench_run
 
-        doc = {"meta": bench_run.meta(torch.device("cpu"), ["-m", "benchmarks.prepare_bench", *(argv if argv is not None else sys.argv[1:])]),
-               "results": [result]}
-        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+        bench_run.write_results(args.out, bench_run.module_meta(torch.device("cpu"), "benchmarks.prepare_bench", argv), [result])
     return 0
 
 

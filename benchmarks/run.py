@@ -86,6 +86,18 @@ def meta(dev: torch.device, command: list[str]) -> dict:
             "load_avg_start": os.getloadavg()[0], "cpu_count": os.cpu_count()}
 
 
+def module_meta(dev: torch.device, module: str, argv: list[str] | None = None, **extra: object) -> dict:
+    """``meta`` for ``python -m module argv`` (argv: sys.argv[1:] when None), with `extra` fields added."""
+    return meta(dev, ["-m", module, *(argv if argv is not None else sys.argv[1:])]) | extra
+
+
+def write_results(out: str | Path, header: dict, results: object) -> None:
+    """A results file of the standalone benchmarks: {"meta": header, "results": results}, its folder made."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": header, "results": results}, indent=1) + "\n")
+
+
 class BenchFailed(RuntimeError):
     """A pytest-benchmark child failed; `partial` holds what it measured anyway."""
 

@@ -236,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="fastvae-bench-stream-"))
     workdir = Path(args.workdir) if args.workdir else tmp
     out = Path(args.out) if args.out else tmp / "stream.json"
-    command = ["-m", "benchmarks.stream", *(argv if argv is not None else sys.argv[1:])]
-    results = {"meta": run.meta(device, command) | {"threads": torch.get_num_threads(), "preset": preset}, "results": []}
+    results = {"meta": run.module_meta(device, "benchmarks.stream", argv, threads=torch.get_num_threads(), preset=preset), "results": []}
     try:
         if {"train", "loader"} & set(parts):
             images, labels = fashion(max(sz["train"], sz["loader"]))
@@ -263,8 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for name in ("fashion", "rgb"):
             shutil.rmtree(workdir / name, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
+    run.write_results(out, results["meta"], results["results"])
     met = all(r["met"] for r in results["results"])
     print(f"wrote {out}; targets {'all met' if met else 'NOT all met: ' + ', '.join(r['part'] for r in results['results'] if not r['met'])}")
     return 0

@@ -191,5 +191,4 @@ if __name__ == "__main__":
     if args.out:
         from . import run
 
-        doc = {"meta": run.meta(DEV, ["-m", "benchmarks.test_dropin", *sys.argv[1:]]) | {"preset": common.preset()}, "results": result}
-        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+        run.write_results(args.out, run.module_meta(DEV, "benchmarks.test_dropin", preset=common.preset()), result)
