@@ -194,14 +194,16 @@ class _MLPStep:
         return _dtype_reason(x)
 
     @staticmethod
-    def mlp_step(x: torch.Tensor, buffers: tuple[torch.Tensor, ...], step: torch.Tensor, layout: list[int], encoder_layers: int,
-                 seed: int, beta: float, likelihood: str, adam: tuple[float, ...] | None, flags: torch.Tensor | None) -> torch.Tensor:
-        """[loss, recon, kl] summed over the batch. buffers: FlatAdam's flat parameters, gradients, exp_avg and
-        exp_avg_sq; layout: (out, in, weight offset, bias offset) per layer; adam: (lr, beta1, beta2, eps,
+    def mlp_step(x: torch.Tensor, rows: torch.Tensor | None, buffers: tuple[torch.Tensor, ...], step: torch.Tensor,
+                 layout: list[int], encoder_layers: int, seed: int, beta: float, likelihood: str, adam: tuple[float, ...] | None,
+                 flags: torch.Tensor | None, stats: torch.Tensor, window: torch.Tensor | None) -> None:
+        """[loss, recon, kl] summed over the batch (x, or x's rows `rows`) into `stats`, added to `window` (float64)
+        if given. buffers: FlatAdam's flat parameters, gradients, exp_avg and exp_avg_sq; layout: (out, in, weight
+        offset, bias offset) per layer; seed < 0: drawn from torch's generator; adam: (lr, beta1, beta2, eps,
         weight_decay) to update (advancing `step`), None for the gradients alone."""
         hyper = adam if adam is not None else (0.0, 0.0, 0.0, 0.0, 0.0)
-        return torch.ops.fastvae.mlp_step(x, *buffers, step, layout, encoder_layers, seed, float(beta), likelihood == "gaussian",
-                                          adam is not None, *hyper, flags)
+        torch.ops.fastvae.mlp_step(x, rows, *buffers, step, layout, encoder_layers, seed, float(beta), likelihood == "gaussian",
+                                   adam is not None, *hyper, flags, stats, window)
 
 
 _OPS = {"reparam": _Reparam, "loss": _Loss, "decode": _Decode, "bias_grad": _BiasGrad, "mlp_step": _MLPStep}

@@ -168,7 +168,7 @@ class MLPStep:
     """Training steps of a fastvae.VAE whose optimizer is a packed FlatAdam (see the module docstring).
 
     ``step(x, beta)`` trains on the batch x; it returns its LossTerms (sums over the batch, detached)
-    in buffers the next step overwrites: consume them first.
+    in buffers the next step overwrites: consume them first (or pass ``window=`` to have them added up).
     """
 
     def __init__(self, model: nn.Module, optimizer: FlatAdam) -> None:
@@ -193,6 +193,8 @@ class MLPStep:
         self._layout = [v for m, r in zip(linears, rows) for v in (r, m.in_features, at[id(m.weight)], at[id(m.bias)])]
         self._buffers = (optimizer.flat, optimizer.flat_grad, optimizer.exp_avg, optimizer.exp_avg_sq)
         self._spaces: dict[int, _Workspace] = {}
+        self._stats = torch.empty(3, dtype=probe.dtype, device=probe.device)  # the C++ op's [loss, recon, kl]
+        self._terms = LossTerms(self._stats[0], self._stats[1], self._stats[2])
         self._255 = torch.tensor(255.0, dtype=probe.dtype, device=probe.device)  # 0-dim: the division runs in the parameters' dtype
 
     def space(self, batch: int) -> _Workspace:
@@ -225,16 +227,22 @@ class MLPStep:
             ws.beta = beta
         return ws.beta_t
 
-    @torch.no_grad()
-    def step(self, x: torch.Tensor, beta: float, seed: int | None = None) -> LossTerms:
-        """One training step on the batch `x` ((B, input_dim), uint8 or the parameters' dtype), the update included."""
-        x = self._batch(x)
-        if self._whole is not None:
+    def step(self, x: torch.Tensor, beta: float, seed: int | None = None, *, rows: torch.Tensor | None = None,
+             window: torch.Tensor | None = None) -> LossTerms:
+        """One training step on the batch `x` ((B, input_dim), uint8 or the parameters' dtype), the update included.
+
+        rows: train on x's rows `rows` instead (x: the whole resident data set; the C++ op gathers them).
+        window: a float64 (3,) tensor to which [loss, recon, kl] are added (the Trainer's running sums).
+        """
+        if self._whole is not None:  # no autograd to turn off: the op records nothing
             g = self.optimizer.param_groups[0]
-            return self._one_op(x, beta, seed, (g["lr"], *g["betas"], g["eps"], g["weight_decay"]))
-        terms = self.calls(x, beta, seed)
-        self.optimizer.step_count += 1
-        self.optimizer.flat_step()
+            return self._one_op(x, rows, beta, seed, (g["lr"], *g["betas"], g["eps"], g["weight_decay"]), window)
+        with torch.no_grad():
+            terms = self.calls(self._batch(x if rows is None else torch.index_select(x, 0, rows)), beta, seed)
+            self.optimizer.step_count += 1
+            self.optimizer.flat_step()
+            if window is not None:
+                window += torch.stack(tuple(terms)).to(torch.float64)
         return terms
 
     def _batch(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,10 +252,13 @@ class MLPStep:
             return x
         return self.model.flatten(x).contiguous()
 
-    def _one_op(self, x: torch.Tensor, beta: float, seed: int | None, adam: tuple[float, ...] | None) -> LossTerms:
-        out = self._whole.mlp_step(x, self._buffers, self.optimizer.step_count, self._layout, len(self.enc), new_seed(seed), beta,
-                                   self.likelihood, adam, _checks.flag_word(x.device))
-        return LossTerms(out[0], out[1], out[2])
+    def _one_op(self, x: torch.Tensor, rows: torch.Tensor | None, beta: float, seed: int | None, adam: tuple[float, ...] | None,
+                window: torch.Tensor | None = None) -> LossTerms:
+        """The C++ op; the seed is drawn inside it (from torch's generator, as new_seed would) when not given."""
+        self._whole.mlp_step(x if rows is not None else self._batch(x), rows, self._buffers, self.optimizer.step_count, self._layout,
+                             len(self.enc), -1 if seed is None else new_seed(seed), beta, self.likelihood, adam,
+                             _checks.flag_word(x.device), self._stats, window)
+        return self._terms
 
     @torch.no_grad()
     def forward_backward(self, x: torch.Tensor, beta: float | torch.Tensor, seed: int | torch.Tensor | None = None) -> LossTerms:
@@ -256,10 +267,9 @@ class MLPStep:
         beta: the KL weight, or the tensor ``set_beta`` returned (read from device memory: CUDA graphs).
         seed: the Philox seed of the sample (an int or 0-dim int64 device tensor; None: drawn from torch's generator).
         """
-        x = self._batch(x)
-        if self._whole is not None and not isinstance(beta, torch.Tensor):
-            return self._one_op(x, beta, seed, None)
-        return self.calls(x, beta, seed)
+        if self._whole is not None and not isinstance(beta, torch.Tensor) and not isinstance(seed, torch.Tensor):
+            return self._one_op(x, None, beta, seed, None)
+        return self.calls(self._batch(x), beta, seed)
 
     @torch.no_grad()
     def calls(self, x: torch.Tensor, beta: float | torch.Tensor, seed: int | torch.Tensor | None = None) -> LossTerms:

@@ -240,6 +240,11 @@ class _Source:
     def _batches(self, epoch: int, seed: int) -> Iterator[Batch]:
         raise NotImplementedError
 
+    def step_input(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What a step that gathers its own rows reads (fastvae.mlp_step's C++ op): (the resident data set, the
+        batch's indices), or (the batch's rows, None)."""
+        return self.pixels(batch), None  # type: ignore[attr-defined]
+
 
 class Resident(_Source):
     """The data set as one (N, input_dim) tensor on the device; batches are index tensors into it."""
@@ -266,6 +271,9 @@ class Resident(_Source):
     def pixels(self, batch: Batch) -> torch.Tensor:
         """The batch's rows (b, input_dim): gathered from the device data (on CPU, index_select is 15x faster than data[rows] for uint8)."""
         return batch.x if batch.x is not None else torch.index_select(self.data, 0, batch.rows)
+
+    def step_input(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return (self.data, batch.rows) if batch.x is None else (batch.x, None)
 
     def describe(self) -> str:
         return f"resident on {self.data.device} ({self.why})" if self.why else f"resident on {self.data.device}"

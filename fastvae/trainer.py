@@ -262,12 +262,14 @@ class Trainer:
         for i, batch in enumerate(self.source.batches(self.epoch, self.data_seed)):
             condition = {"labels": batch.labels} if batch.labels is not None else {}
             beta = self.beta_at(self.step)
+            summed = False  # the step added its terms to window itself
             if self._graph is not None:
                 terms = self._graph.step(batch.rows if batch.x is None else batch.x)  # the whole step, the update included (so checked after it)
             elif custom_step is not None:
                 terms = custom_step(self.source.pixels(batch), self.optimizer, beta=beta, **condition)
-            elif self._fused is not None:
-                terms = self._fused.step(self.source.pixels(batch), beta)  # the update included
+            elif self._fused is not None:  # the update included; gathers the rows itself and adds its sums to window
+                data, rows = self.source.step_input(batch)
+                terms, summed = self._fused.step(data, beta, rows=rows, window=window), True
             else:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.amp):
                     terms, objective = self._objective(batch, beta, condition)
@@ -277,7 +279,8 @@ class Trainer:
                 raise FloatingPointError(f"the loss became {terms.loss.item()} at step {self.step} (epoch {self.epoch + 1}); lower lr, check the data, or resume from the last checkpoint")
             if custom_step is None and self._graph is None and self._fused is None:
                 self.optimizer.step()
-            window += torch.stack([terms.loss.detach(), terms.recon, terms.kl]).to(torch.float64)
+            if not summed:
+                window += torch.stack([terms.loss.detach(), terms.recon, terms.kl]).to(torch.float64)
             self.step += 1
             window_seen += batch.size
             if self.step % c.log_every == 0 or i == self.steps_per_epoch - 1:

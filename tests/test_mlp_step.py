@@ -118,6 +118,63 @@ def test_step_rejects_mismatched_layers():
         step.forward_backward(_batch(4, 49, "uint8"), 1.0, seed=1)
 
 
+@needs_cpp
+@pytest.mark.parametrize("whole", [True, False], ids=["one-op", "calls"])
+@pytest.mark.parametrize("kind", ["uint8", "unit"])
+def test_step_on_gathered_rows_equals_the_batch_and_adds_to_window(kind, whole):
+    """step(data, rows=...) (the op gathers) is bit-identical to step(data[rows]); window receives the stats, added."""
+    data = _batch(61, 50, kind)
+    rows = torch.tensor([60, 0, 7, 7, 33, 12, 59], dtype=torch.int64)
+    got, want = _model((17,)), _model((17,))
+    a, b = MLPStep(got, make_optimizer(got, 1e-3)), MLPStep(want, make_optimizer(want, 1e-3))
+    if not whole:
+        a._whole = b._whole = None
+    window = torch.full((3,), 0.5, dtype=torch.float64)
+    total = window.clone()
+    for seed in (3, 4):
+        terms = a.step(data, 0.9, seed=seed, rows=rows, window=window)
+        expected = b.step(data[rows], 0.9, seed=seed)
+        assert torch.equal(torch.stack(tuple(terms)), torch.stack(tuple(expected)))
+        total += torch.stack(tuple(expected))
+    assert torch.equal(window, total)
+    for p, q in zip(got.parameters(), want.parameters()):
+        assert torch.equal(p, q)
+
+
+@needs_cpp
+def test_op_draws_the_seed_new_seed_would():
+    """seed=None: the C++ op draws from torch's generator exactly as new_seed does (torch.manual_seed reproduces it)."""
+    from fastvae.ops.reparam import new_seed
+
+    x = _batch(9, 50, "uint8")
+    a, b = _model((9,)), _model((9,))
+    torch.manual_seed(77)
+    got = MLPStep(a, make_optimizer(a, 1e-3)).forward_backward(x, 1.0)
+    after_op = torch.rand(2)
+    torch.manual_seed(77)
+    seed = new_seed()
+    after_new_seed = torch.rand(2)
+    want = MLPStep(b, make_optimizer(b, 1e-3)).forward_backward(x, 1.0, seed=seed)
+    assert torch.equal(torch.stack(tuple(got)), torch.stack(tuple(want)))
+    assert torch.equal(after_op, after_new_seed)
+
+
+@needs_cpp
+@pytest.mark.parametrize("rows,match", [
+    (torch.tensor([0, 61]), r"rows\[1\] = 61 is outside x's 61 rows"),
+    (torch.tensor([-1]), r"rows\[0\] = -1 is outside"),
+    (torch.tensor([0, 1], dtype=torch.int32), "rows must be a non-empty 1-D int64"),
+    (torch.zeros(0, dtype=torch.int64), "rows must be a non-empty 1-D int64"),
+])
+def test_step_rejects_bad_rows(rows, match):
+    model = _model((9,))
+    step = MLPStep(model, make_optimizer(model, 1e-3))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=match):
+        step.step(_batch(61, 50, "uint8"), 1.0, seed=1, rows=rows)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # nothing updated
+
+
 # -- bias_grad ------------------------------------------------------------------------------------------------------
 
 def _bias_grad_backends():

@@ -126,10 +126,13 @@ FASTVAE_STEP_INSTANTIATE(double)
 }  // namespace fastvae::cpu
 
 #ifndef FASTVAE_KERNELS_ONLY
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
+#include <mutex>
 
 #include "../ops.h"
 #include "blas.h"
@@ -158,7 +161,8 @@ struct Layer {
   } while (0)
 
 void check_step(const at::Tensor& x, const at::Tensor& flat, const at::Tensor& grad, const at::Tensor& exp_avg,
-                const at::Tensor& exp_avg_sq, const at::Tensor& step, const std::vector<Layer>& layers, int64_t E) {
+                const at::Tensor& exp_avg_sq, const at::Tensor& step, const at::Tensor& stats, const OptTensor& window,
+                const std::vector<Layer>& layers, int64_t E) {
   const int64_t n = static_cast<int64_t>(layers.size());
   TORCH_CHECK(E >= 0 && E + 2 <= n, "fastvae::mlp_step: encoder_layers must leave the heads and a decoder layer, got ", E,
               " of ", n, " layers");
@@ -170,6 +174,11 @@ void check_step(const at::Tensor& x, const at::Tensor& flat, const at::Tensor& g
   TORCH_CHECK(flat.scalar_type() == at::kFloat || flat.scalar_type() == at::kDouble, "fastvae::mlp_step: float32 or float64 only");
   TORCH_CHECK(step.device().is_cpu() && step.dim() == 0 && step.scalar_type() == at::kFloat,
               "fastvae::mlp_step: step must be a 0-dim float32 CPU tensor");
+  TORCH_CHECK(stats.device().is_cpu() && stats.is_contiguous() && stats.numel() == 3 && stats.scalar_type() == flat.scalar_type(),
+              "fastvae::mlp_step: stats must be a contiguous CPU tensor of 3 elements of the parameters' dtype");
+  TORCH_CHECK(!window.has_value() || !window->defined() ||
+                  (window->device().is_cpu() && window->is_contiguous() && window->numel() == 3 && window->scalar_type() == at::kDouble),
+              "fastvae::mlp_step: window must be a contiguous float64 CPU tensor of 3 elements");
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1 &&
                   (x.scalar_type() == at::kByte || x.scalar_type() == flat.scalar_type()),
               "fastvae::mlp_step: x must be a contiguous non-empty (batch, features) CPU tensor of uint8 or the parameters' dtype");
@@ -279,6 +288,33 @@ void run_step(const X* x, int64_t B, int64_t D, T* flat, T* grad, T* exp_avg, T*
   }
 }
 
+// x's rows `rows` (each checked against x's N rows first: a bad index is an error, never a read outside x).
+at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& rows) {
+  TORCH_CHECK(rows.device().is_cpu() && rows.dim() == 1 && rows.size(0) >= 1 && rows.scalar_type() == at::kLong,
+              "fastvae::mlp_step: rows must be a non-empty 1-D int64 CPU tensor of indices into x");
+  const at::Tensor idx = rows.contiguous();
+  const int64_t* r = idx.data_ptr<int64_t>();
+  const int64_t B = idx.size(0), N = x.size(0), row_bytes = x.size(1) * static_cast<int64_t>(x.element_size());
+  for (int64_t i = 0; i < B; ++i) {
+    TORCH_CHECK(r[i] >= 0 && r[i] < N, "fastvae::mlp_step: rows[", i, "] = ", r[i], " is outside x's ", N, " rows");
+  }
+  at::Tensor out = at::empty({B, x.size(1)}, x.options());
+  const char* src = static_cast<const char*>(x.const_data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, B, std::max<int64_t>(1, 65536 / std::max<int64_t>(row_bytes, 1)), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) std::memcpy(dst + i * row_bytes, src + r[i] * row_bytes, row_bytes);
+  });
+  return out;
+}
+
+// A fresh seed from torch's default CPU generator, as fastvae.ops.reparam.new_seed draws it
+// (int64 random_(0, 2**62): random64() % 2**62), so torch.manual_seed makes the step reproducible.
+uint64_t draw_seed() {
+  at::Generator gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return at::check_generator<at::CPUGeneratorImpl>(gen)->random64() % (uint64_t{1} << 62);
+}
+
 int64_t workspace_size(int64_t B, int64_t D, const std::vector<Layer>& layers, int64_t E, bool bytes) {
   const int64_t L = layers[E].out / 2;
   int64_t widest = D, total = bytes ? B * D : 0;
@@ -306,18 +342,26 @@ void bias_grad(at::Tensor& grad, const OptTensor& relu_out, at::Tensor& out) {
   });
 }
 
-// [loss, recon, kl] summed over the batch; writes every gradient into `grad` and, when `update`,
-// advances `step` and applies Adam to `flat`, `exp_avg` and `exp_avg_sq`. layout: per layer (the
-// encoder's hidden layers, the heads with [mu; logvar] rows, the decoder's) out, in, and the offsets
-// of its weight and bias in the flat buffers.
-at::Tensor mlp_step(const at::Tensor& x, at::Tensor& flat, at::Tensor& grad, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
-                    at::Tensor& step, at::IntArrayRef layout, int64_t encoder_layers, int64_t seed, double beta, bool gaussian,
-                    bool update, double lr, double beta1, double beta2, double eps, double weight_decay, const OptTensor& flags) {
+// One training step on the batch x (or on x's rows `rows`, gathered here: the Trainer passes its resident data
+// set and the step's indices). Writes [loss, recon, kl] summed over the batch into `stats` and adds them
+// to `window` (float64, the Trainer's running sums) if given; writes every gradient into `grad` and, when
+// `update`, advances `step` and applies Adam to `flat`, `exp_avg` and `exp_avg_sq`. seed < 0: drawn from
+// torch's generator. layout: per layer (the encoder's hidden layers, the heads with [mu; logvar] rows, the
+// decoder's) out, in, and the offsets of its weight and bias in the flat buffers. Nothing but these
+// calls runs in Python per step.
+void mlp_step(const at::Tensor& data, const OptTensor& rows, at::Tensor& flat, at::Tensor& grad, at::Tensor& exp_avg,
+              at::Tensor& exp_avg_sq, at::Tensor& step, at::IntArrayRef layout, int64_t encoder_layers, int64_t seed, double beta,
+              bool gaussian, bool update, double lr, double beta1, double beta2, double eps, double weight_decay,
+              const OptTensor& flags, at::Tensor& stats, const OptTensor& window) {
   TORCH_CHECK(layout.size() % 4 == 0 && !layout.empty(), "fastvae::mlp_step: layout holds 4 numbers per layer");
   std::vector<Layer> layers;
   for (size_t i = 0; i < layout.size(); i += 4) layers.push_back({layout[i], layout[i + 1], layout[i + 2], layout[i + 3]});
-  check_step(x, flat, grad, exp_avg, exp_avg_sq, step, layers, encoder_layers);
-  const uint64_t stream = host_seed(std::nullopt, seed);
+  const bool gather = rows.has_value() && rows->defined();
+  TORCH_CHECK(!gather || (data.device().is_cpu() && data.is_contiguous() && data.dim() == 2),
+              "fastvae::mlp_step: with rows, x must be a contiguous (N, features) CPU tensor");
+  const at::Tensor x = gather ? gather_rows(data, *rows) : data;
+  check_step(x, flat, grad, exp_avg, exp_avg_sq, step, stats, window, layers, encoder_layers);
+  const uint64_t stream = seed < 0 ? draw_seed() : host_seed(std::nullopt, seed);
   int32_t* word = flag_word(flags, x.device());
   const int64_t B = x.size(0), D = x.size(1);
   const bool bytes = x.scalar_type() == at::kByte;
@@ -343,20 +387,23 @@ at::Tensor mlp_step(const at::Tensor& x, at::Tensor& flat, at::Tensor& grad, at:
     if (bytes) run(x.data_ptr<uint8_t>()); else run(x.data_ptr<T>());
   });
   sink.commit(word);
-  at::Tensor result = at::empty({3}, flat.options());
+  double* w = window.has_value() && window->defined() ? window->data_ptr<double>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(flat.scalar_type(), "fastvae_mlp_step_sums", [&] {
-    for (int i = 0; i < 3; ++i) result.data_ptr<scalar_t>()[i] = static_cast<scalar_t>(sums[i]);
+    for (int i = 0; i < 3; ++i) {
+      const scalar_t v = static_cast<scalar_t>(sums[i]);
+      stats.data_ptr<scalar_t>()[i] = v;
+      if (w != nullptr) w[i] += static_cast<double>(v);  // the sums as stats holds them, as the Trainer adds them
+    }
   });
-  return result;
 }
 
 }  // namespace fastvae::cpu
 
 TORCH_LIBRARY_FRAGMENT(fastvae, m) {
   m.def("bias_grad(Tensor(a!) grad, Tensor? relu_out, Tensor(b!) out) -> ()");
-  m.def("mlp_step(Tensor x, Tensor(a!) flat, Tensor(b!) grad, Tensor(c!) exp_avg, Tensor(d!) exp_avg_sq, Tensor(e!) step,"
-        " int[] layout, int encoder_layers, int seed, float beta, bool gaussian, bool update, float lr, float beta1,"
-        " float beta2, float eps, float weight_decay, Tensor(f!)? flags) -> Tensor");
+  m.def("mlp_step(Tensor x, Tensor? rows, Tensor(a!) flat, Tensor(b!) grad, Tensor(c!) exp_avg, Tensor(d!) exp_avg_sq,"
+        " Tensor(e!) step, int[] layout, int encoder_layers, int seed, float beta, bool gaussian, bool update, float lr,"
+        " float beta1, float beta2, float eps, float weight_decay, Tensor(f!)? flags, Tensor(g!) stats, Tensor(h!)? window) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastvae, CPU, m) {
