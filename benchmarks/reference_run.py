@@ -14,12 +14,16 @@
 Every variant first runs warm-up steps (a full batch and the short last batch, so compiled
 code exists for both shapes) on a snapshot of the weights and optimizer that is then restored;
 "seconds" is the training time after that (fastvae: a throwaway Trainer on a few batches warms
-up, then a new one trains; its graph capture is part of the timed run). "final_loss" is the reference's figure: the summed
+up, then a new one trains; its graph capture is part of the timed run). "fastvae" also times the
+step's GEMM floor (benchmarks/floor.py) for the steps of each epoch right after that epoch, so that
+run and floor see the same machine; that time is taken out of "seconds", and "floor_ratio" is
+"seconds" over the floors' sum ("floor_ratio_median": the median of the per-epoch ratios). "final_loss" is the reference's figure: the summed
 loss over the last epoch divided by the number of samples.
 """
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 from typing import Callable
 
@@ -28,6 +32,7 @@ import torch
 import fastvae
 from fastvae.reference import ReferenceVAE, reference_loss
 
+from . import floor
 from .common import sync
 
 VARIANTS = ("seed-loop", "eager-device", "compile", "compile-ro", "fastvae", "fastvae-torch")
@@ -117,7 +122,7 @@ def _device_loop(images: torch.Tensor, epochs: int, batch: int, device: torch.de
     return {"seconds": time.perf_counter() - t0, "final_loss": final, ("compile_s" if mode else "warmup_s"): warm}
 
 
-def _fastvae(images: torch.Tensor, epochs: int, batch: int, device: torch.device, backend: str | None) -> dict:
+def _fastvae(images: torch.Tensor, epochs: int, batch: int, device: torch.device, backend: str | None, with_floor: bool = False) -> dict:
     cfg = dict(batch_size=batch, progress=False, seed=None, log_every=10**9)
     warm_n = batch * 5 + (len(images) % batch or batch)  # past the graph engine's eager warm-up steps and its capture
     t0 = time.perf_counter()
@@ -125,11 +130,25 @@ def _fastvae(images: torch.Tensor, epochs: int, batch: int, device: torch.device
     sync(device)
     warm = time.perf_counter() - t0
     trainer = fastvae.Trainer(fastvae.VAE(backend=backend), images, fastvae.TrainConfig(epochs=epochs, **cfg), device=device)
+    gemm = floor.GemmFloor(batch, device=device) if with_floor else None
+    floor_s: list[float] = []
+    if gemm is not None:
+        gemm.seconds(20)  # warm
+
+    def after_epoch(record: dict) -> None:  # the floor of the epoch's steps, right after it (its time is taken out)
+        if gemm is not None:
+            floor_s.append(gemm.seconds(trainer.steps_per_epoch))
+
     sync(device)
     t0 = time.perf_counter()
-    history = trainer.fit()
+    history = trainer.fit(on_epoch=after_epoch)
     sync(device)
-    return {"seconds": time.perf_counter() - t0, "final_loss": history[-1]["loss"], "warmup_s": warm}
+    out = {"seconds": time.perf_counter() - t0 - sum(floor_s), "final_loss": history[-1]["loss"], "warmup_s": warm}
+    if floor_s:
+        epoch_s = [h["seconds"] for h in history]
+        out.update(epoch_s=epoch_s, floor_s=floor_s, floor_ratio=out["seconds"] / sum(floor_s),
+                   floor_ratio_median=statistics.median(e / f for e, f in zip(epoch_s, floor_s)))
+    return out
 
 
 def run(variant: str, *, epochs: int = 10, samples: int | None = None, batch: int = 128, device: str = "auto", seed: int = 0,
@@ -145,7 +164,7 @@ def run(variant: str, *, epochs: int = 10, samples: int | None = None, batch: in
         mode = {"eager-device": None, "compile": "default", "compile-ro": "reduce-overhead"}[variant]
         out = _device_loop(images, epochs, batch, dev, mode)
     elif variant in ("fastvae", "fastvae-torch"):
-        out = _fastvae(images, epochs, batch, dev, "torch" if variant == "fastvae-torch" else None)
+        out = _fastvae(images, epochs, batch, dev, "torch" if variant == "fastvae-torch" else None, with_floor=variant == "fastvae")
     else:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     notes = "reduce-overhead is the default mode on CPU (no CUDA graphs)" if variant == "compile-ro" and dev.type == "cpu" else ""

@@ -50,10 +50,13 @@ def test_smoke_suite_writes_results_chart_and_table_beside_out_only(tmp_path, ca
     assert set(ref) == {"seed-loop", "eager-device", "fastvae"}
     for r in ref.values():
         assert r["seconds"] > 0 and math.isfinite(r["final_loss"]) and 100 < r["final_loss"] < 800
+    mine = ref["fastvae"]  # its own floor, timed after each epoch and taken out of its seconds
+    assert len(mine["floor_s"]) == len(mine["epoch_s"]) == 1 and mine["floor_s"][0] > 0
+    assert mine["floor_ratio"] == pytest.approx(mine["seconds"] / mine["floor_s"][0])
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "cpu-test.md").read_text()
     assert "| loss.fwd_bwd | 64x96x8 | float32 |" in table and "| seed-loop | 512 x 1 |" in table
-    assert "| training step vs its GEMM floor |" in table and "| reference run (1 epochs, 4 steps) |" in table
+    assert "| training step vs its GEMM floor |" in table and "| reference run (1 epochs, 4 steps) |" in table and "(whole run)" in table
     assert "docs/performance.md and README.md untouched" in capsys.readouterr().out
 
 
