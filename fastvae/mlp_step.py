@@ -21,7 +21,11 @@ batch size, and writes every gradient straight into the optimizer's flat gradien
 On the CPU the whole step, Adam included, is one C++ op (``torch.ops.fastvae.mlp_step``, the
 cpp backend's "mlp_step", csrc/cpu/mlp_step.cpp): one call from Python per step instead of forty,
 the products straight to the BLAS, and each layer's Adam update run as soon as its gradients are
-final (its parameters still in cache). Elsewhere it runs as the PyTorch calls above, which is
+final (its parameters still in cache). The Trainer calls nothing else per step: the op gathers the
+batch's rows from the resident data, draws the sample's seed from torch's generator (as
+``new_seed`` does) and adds the loss terms to the Trainer's running sums (each small torch op
+between two steps costs tens of microseconds on a 2-core CPU, where the products have just
+evicted the interpreter's data from the caches). Elsewhere it runs as the PyTorch calls above, which is
 also what a CUDA graph captures (fastvae.graphs): 25 kernel launches for the reference model
 (tests/test_graphs.py counts them, and models the bytes the kernels other than the products move).
 
@@ -234,23 +238,26 @@ class MLPStep:
         rows: train on x's rows `rows` instead (x: the whole resident data set; the C++ op gathers them).
         window: a float64 (3,) tensor to which [loss, recon, kl] are added (the Trainer's running sums).
         """
+        if rows is not None and (self._whole is None or not self._readable(x)):
+            x, rows = torch.index_select(x, 0, rows), None
         if self._whole is not None:  # no autograd to turn off: the op records nothing
             g = self.optimizer.param_groups[0]
             return self._one_op(x, rows, beta, seed, (g["lr"], *g["betas"], g["eps"], g["weight_decay"]), window)
         with torch.no_grad():
-            terms = self.calls(self._batch(x if rows is None else torch.index_select(x, 0, rows)), beta, seed)
+            terms = self.calls(self._batch(x), beta, seed)
             self.optimizer.step_count += 1
             self.optimizer.flat_step()
             if window is not None:
                 window += torch.stack(tuple(terms)).to(torch.float64)
         return terms
 
+    def _readable(self, x: torch.Tensor) -> bool:
+        """Whether the kernels read x as it is: (B, input_dim) contiguous, uint8 or the parameters' dtype."""
+        return x.dim() == 2 and x.is_contiguous() and (x.dtype == torch.uint8 or x.dtype == self.w_heads.dtype)
+
     def _batch(self, x: torch.Tensor) -> torch.Tensor:
-        """x as the kernels read it: (B, input_dim) contiguous, uint8 or the parameters' dtype (else the model's own
-        flatten raises the error the autograd step would)."""
-        if x.dim() == 2 and x.is_contiguous() and (x.dtype == torch.uint8 or x.dtype == self.w_heads.dtype):
-            return x
-        return self.model.flatten(x).contiguous()
+        """x as the kernels read it (else the model's own flatten, which raises the error the autograd step would)."""
+        return x if self._readable(x) else self.model.flatten(x).contiguous()
 
     def _one_op(self, x: torch.Tensor, rows: torch.Tensor | None, beta: float, seed: int | None, adam: tuple[float, ...] | None,
                 window: torch.Tensor | None = None) -> LossTerms:

@@ -142,6 +142,20 @@ def test_step_on_gathered_rows_equals_the_batch_and_adds_to_window(kind, whole):
 
 
 @needs_cpp
+def test_step_on_rows_of_data_the_op_cannot_read_gathers_in_python():
+    """Rows of strided data: gathered in Python, the same step as on data[rows]; rows of data of another dtype: the
+    error the autograd step gives."""
+    data = _batch(40, 100, "unit", torch.float32)[:, ::2]  # (40, 50), strided rows
+    rows = torch.tensor([3, 1, 4, 1, 5, 9], dtype=torch.int64)
+    a, b = _model((9,), dtype=torch.float32), _model((9,), dtype=torch.float32)
+    got = MLPStep(a, make_optimizer(a, 1e-3)).step(data, 1.0, seed=5, rows=rows)
+    want = MLPStep(b, make_optimizer(b, 1e-3)).step(data[rows].contiguous(), 1.0, seed=5)
+    assert torch.equal(torch.stack(tuple(got)), torch.stack(tuple(want)))
+    with pytest.raises(TypeError, match="convert x with"):
+        MLPStep(a, make_optimizer(a, 1e-3)).step(data.to(torch.float64), 1.0, seed=5, rows=rows)
+
+
+@needs_cpp
 def test_op_draws_the_seed_new_seed_would():
     """seed=None: the C++ op draws from torch's generator exactly as new_seed does (torch.manual_seed reproduces it)."""
     from fastvae.ops.reparam import new_seed
