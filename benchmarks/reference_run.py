@@ -15,8 +15,8 @@ Every variant first runs warm-up steps (a full batch and the short last batch, s
 code exists for both shapes) on a snapshot of the weights and optimizer that is then restored;
 "seconds" is the training time after that (fastvae: a throwaway Trainer on a few batches warms
 up, then a new one trains; its graph capture is part of the timed run). "fastvae" also times the
-step's GEMM floor (benchmarks/floor.py) for the steps of each epoch right after that epoch, so that
-run and floor see the same machine; that time is taken out of "seconds", and "floor_ratio" is
+step's GEMM floor (benchmarks/floor.py) of every 50 steps right after them (its logging steps), so
+that run and floor see the same machine; that time is taken out of "seconds", and "floor_ratio" is
 "seconds" over the floors' sum ("floor_ratio_median": the median of the per-epoch ratios). "final_loss" is the reference's figure: the summed
 loss over the last epoch divided by the number of samples.
 """
@@ -123,31 +123,29 @@ def _device_loop(images: torch.Tensor, epochs: int, batch: int, device: torch.de
 
 
 def _fastvae(images: torch.Tensor, epochs: int, batch: int, device: torch.device, backend: str | None, with_floor: bool = False) -> dict:
-    cfg = dict(batch_size=batch, progress=False, seed=None, log_every=10**9)
+    cfg = dict(batch_size=batch, progress=False, seed=None, log_every=floor.WINDOW if with_floor else 10**9)
     warm_n = batch * 5 + (len(images) % batch or batch)  # past the graph engine's eager warm-up steps and its capture
     t0 = time.perf_counter()
     fastvae.Trainer(fastvae.VAE(backend=backend), images[:warm_n], fastvae.TrainConfig(epochs=1, **cfg), device=device).fit()
     sync(device)
     warm = time.perf_counter() - t0
-    trainer = fastvae.Trainer(fastvae.VAE(backend=backend), images, fastvae.TrainConfig(epochs=epochs, **cfg), device=device)
-    gemm = floor.GemmFloor(batch, device=device) if with_floor else None
-    floor_s: list[float] = []
-    if gemm is not None:
-        gemm.seconds(20)  # warm
-
-    def after_epoch(record: dict) -> None:  # the floor of the epoch's steps, right after it (its time is taken out)
-        if gemm is not None:
-            floor_s.append(gemm.seconds(trainer.steps_per_epoch))
-
+    timer = None
+    if with_floor:
+        timer = floor.FloorAfterEachWindow(floor.GemmFloor(batch, device=device))
+        timer.floor.seconds(20)  # warm
+    trainer = fastvae.Trainer(fastvae.VAE(backend=backend), images, fastvae.TrainConfig(epochs=epochs, **cfg), device=device,
+                              callbacks=[timer] if timer else None)
     sync(device)
     t0 = time.perf_counter()
-    history = trainer.fit(on_epoch=after_epoch)
+    history = trainer.fit()
     sync(device)
-    out = {"seconds": time.perf_counter() - t0 - sum(floor_s), "final_loss": history[-1]["loss"], "warmup_s": warm}
-    if floor_s:
-        epoch_s = [h["seconds"] for h in history]
-        out.update(epoch_s=epoch_s, floor_s=floor_s, floor_ratio=out["seconds"] / sum(floor_s),
-                   floor_ratio_median=statistics.median(e / f for e, f in zip(epoch_s, floor_s)))
+    out = {"seconds": time.perf_counter() - t0, "final_loss": history[-1]["loss"], "warmup_s": warm}
+    if timer is not None:
+        out["seconds"] -= sum(timer.epoch_floor)
+        epoch_s = [h["seconds"] - f for h, f in zip(history, timer.epoch_floor)]
+        out.update(epoch_s=epoch_s, floor_s=timer.epoch_floor, window_steps=floor.WINDOW,
+                   floor_ratio=out["seconds"] / sum(timer.epoch_floor),
+                   floor_ratio_median=statistics.median(e / f for e, f in zip(epoch_s, timer.epoch_floor)))
     return out
 
 

@@ -108,9 +108,9 @@ def test_headline_names_the_device_and_the_speedups():
     run_doc = {"device": "cuda", "device_name": "GPU X", "date": "2030-01-02T03:04", "results": [
         {**rec, "backend": "eager-best", "median_ms": 9.0}, {**rec, "backend": "cuda", "value_checks": True, "median_ms": 3.0},
         {**rec, "backend": "cuda-nochecks", "value_checks": False, "median_ms": 1.0},  # checks off is not the headline
-        {**ref, "backend": "seed-loop", "seconds": 50.0}, {**ref, "backend": "fastvae", "seconds": 0.5}]}
+        {**ref, "backend": "seed-loop", "seconds": 50.0}, {**ref, "backend": "fastvae", "seconds": 0.5, "floor_ratio": 1.125}]}
     row = report.headline_block([run_doc]).splitlines()[-1]
-    assert row == "| GPU X, 2030-01-02 | **3.00x** (3 vs 9 ms) | - | **100.00x** (0.5 vs 50.0 s) |"
+    assert row == "| GPU X, 2030-01-02 | **3.00x** (3 vs 9 ms) | - | **100.00x** (0.5 vs 50.0 s) | **1.12x** (1.0 = its matrix products alone) |"
 
 
 def test_smoke_updates_a_tables_file_and_results_folder_named_explicitly(monkeypatch, tmp_path):

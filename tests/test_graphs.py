@@ -2,6 +2,7 @@
 import dataclasses
 import importlib
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -289,6 +290,13 @@ def _assert_within_budget(ops: list[Launch], budget: int = STEP_LAUNCHES) -> Non
     assert names.count("kernel.reparam_forward") == 1 and "kernel.loss_forward" in names
     launches = [op.name for op in ops if op.launches]
     assert len(launches) <= budget, f"{len(launches)} kernel launches in one training step (budget {budget}):\n" + "\n".join(launches)
+
+
+def test_readme_states_the_counted_launches(monkeypatch):
+    contract = fake.Contract()
+    ops = _step_ops(monkeypatch, {"reparam": contract, "loss": contract})
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"one captured training step of the reference model is {sum(op.launches for op in ops)} kernel launches" in " ".join(readme.split())
 
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
