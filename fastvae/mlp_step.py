@@ -47,7 +47,7 @@ from . import _checks
 from .arena import FlatAdam
 from .backends import pick
 from .ops import bias_grad
-from .ops.loss import LossTerms
+from .ops.loss import LossTerms, add_terms
 from .ops.reparam import new_seed
 
 
@@ -248,7 +248,7 @@ class MLPStep:
             self.optimizer.step_count += 1
             self.optimizer.flat_step()
             if window is not None:
-                window += torch.stack(tuple(terms)).to(torch.float64)
+                add_terms(window, terms)
         return terms
 
     def _readable(self, x: torch.Tensor) -> bool:

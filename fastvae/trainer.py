@@ -22,6 +22,7 @@ from torch import nn
 
 from . import _checks, _memory, callbacks as callbacks_, checkpoint, distributed, graphs, mlp_step, stream
 from .iwae import iwae_terms
+from .ops.loss import add_terms
 from .schedules import SCHEDULES, kl_weight
 
 CHECKPOINT = checkpoint.FILENAME
@@ -280,7 +281,7 @@ class Trainer:
             if custom_step is None and self._graph is None and self._fused is None:
                 self.optimizer.step()
             if not summed:
-                window += torch.stack([terms.loss.detach(), terms.recon, terms.kl]).to(torch.float64)
+                add_terms(window, terms)
             self.step += 1
             window_seen += batch.size
             if self.step % c.log_every == 0 or i == self.steps_per_epoch - 1:

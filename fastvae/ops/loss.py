@@ -22,7 +22,7 @@ Backend interface:
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,12 @@ class LossTerms(NamedTuple):
     loss: torch.Tensor
     recon: torch.Tensor
     kl: torch.Tensor
+
+
+def add_terms(window: torch.Tensor, terms: Any) -> None:
+    """Add a step's [loss, recon, kl] (detached; any object with those attributes) to `window`, the Trainer's float64
+    (3,) running sums."""
+    window += torch.stack([terms.loss.detach(), terms.recon.detach(), terms.kl.detach()]).to(window.dtype)
 
 
 def target_values(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
