@@ -86,6 +86,7 @@ class FloorAfterEachWindow:
     holds the floor's time per window and ``epoch_floor`` per epoch; the run's own time is its wall time minus them."""
 
     def __init__(self, floor: GemmFloor) -> None:
+        floor.seconds(20)  # warm: the BLAS's buffers and threads
         self.floor, self.seconds, self.epoch_floor = floor, [], []
         self._done, self._epoch = 0, 0.0
 
@@ -115,7 +116,6 @@ def interleaved(images: torch.Tensor, rounds: int = 5, batch: int = 128, device:
 
     steps = math.ceil(len(images) / batch)
     floor = GemmFloor(batch, device=device)
-    floor.seconds(20)  # warm: the BLAS's buffers and threads
     timer = FloorAfterEachWindow(floor)
     config = fastvae.TrainConfig(epochs=1, batch_size=batch, progress=False, seed=0, log_every=WINDOW)
     trainer = fastvae.Trainer(fastvae.VAE(backend=backend), images, config, device=device, callbacks=[timer])

@@ -129,10 +129,7 @@ def _fastvae(images: torch.Tensor, epochs: int, batch: int, device: torch.device
     fastvae.Trainer(fastvae.VAE(backend=backend), images[:warm_n], fastvae.TrainConfig(epochs=1, **cfg), device=device).fit()
     sync(device)
     warm = time.perf_counter() - t0
-    timer = None
-    if with_floor:
-        timer = floor.FloorAfterEachWindow(floor.GemmFloor(batch, device=device))
-        timer.floor.seconds(20)  # warm
+    timer = floor.FloorAfterEachWindow(floor.GemmFloor(batch, device=device)) if with_floor else None
     trainer = fastvae.Trainer(fastvae.VAE(backend=backend), images, fastvae.TrainConfig(epochs=epochs, **cfg), device=device,
                               callbacks=[timer] if timer else None)
     sync(device)

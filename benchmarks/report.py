@@ -172,7 +172,7 @@ def reference_table(run: dict) -> str:
 
 def floor_table(run: dict) -> str:
     """The Trainer's step against its GEMM floor (benchmarks/floor.py), and the reference run against the floor
-    timed after each of its epochs (older results: divided by the floor part's)."""
+    timed between its own steps (results from before that: divided by the floor part's)."""
     rec = next((r for r in run["results"] if r["name"] == "floor"), None)
     if rec is None:
         return ""
@@ -184,7 +184,7 @@ def floor_table(run: dict) -> str:
     if ref is not None:
         steps = ref["epochs"] * -(-ref["shape"][0] // ref["batch_size"])
         step_ms = ref["seconds"] / steps * 1e3
-        if "floor_ratio" in ref:  # its own floor, timed after each of its epochs
+        if "floor_ratio" in ref:  # its own floor, timed between its steps
             floor_ms = sum(ref["floor_s"]) / steps * 1e3
             lines.append(f"| reference run ({ref['epochs']} epochs, {steps} steps) | {step_ms:.2f} | {floor_ms:.2f} "
                          f"({rec['gflop_per_step'] / floor_ms * 1e3:.0f}) | {ref['epochs']} | "
