@@ -2,20 +2,30 @@
 now (the hand-written step, fastvae.mlp_step) and the autograd step it replaced (torch.optim.Adam).
 
     python -m benchmarks.step_profile [--steps 120] [--rows 12]
+    python -m benchmarks.step_profile --split [--rounds 30]
 
 Prints one table per step kind: self CPU time per step of the ops that take the most, and the
 total. Profiler times carry its own overhead; compare the two tables, not their sums with a
 wall clock.
+
+``--split`` times, without the profiler, where the step's time above its GEMM floor goes: the step
+(Adam included), the same step without the update, and Adam alone on the same buffers (FlatAdam's
+flat_step: torch's fused Adam, the op's arithmetic), once with them in cache and once after a sweep that evicts them (as a whole step does on this VM), each
+window of 50 steps right after the floor's, per-round ratios to that floor, medians reported.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fastvae
-from fastvae import mlp_step
+from fastvae import _memory, mlp_step
+
+from .floor import WINDOW, GemmFloor
 
 
 def _trainer(images: torch.Tensor, autograd: bool) -> fastvae.Trainer:
@@ -49,11 +59,66 @@ def table(steps: int, autograd: bool, rows: int) -> str:
     return "\n".join(lines)
 
 
+def split(rounds: int, window: int = WINDOW) -> str:
+    """The step's time above its floor, apart: see the module docstring."""
+    data = fastvae.data.load("fashion-mnist", "train").images.flatten(1)
+    model = fastvae.VAE()
+    optimizer = mlp_step.make_optimizer(model, 1e-3)
+    floor, sweep = GemmFloor(), torch.zeros(16 << 20)  # 64 MiB: twice the last-level cache (zeros: no denormals)
+    with mlp_step.packed(optimizer), _memory.heap_reuse(torch.device("cpu")):  # as Trainer.fit runs it
+        engine = mlp_step.MLPStep(model, optimizer)
+
+        def steps(update: bool) -> None:
+            for _ in range(window):
+                x = data[torch.randint(0, len(data), (128,))]
+                if update:
+                    engine.step(x, 1.0)
+                else:
+                    engine.forward_backward(x, 1.0)  # the same op, update=False
+
+        def adam(evict: bool) -> None:
+            for _ in range(window):
+                if evict:
+                    sweep.add_(1)
+                optimizer.step_count += 1
+                optimizer.flat_step()
+
+        parts = {"the step (Adam included)": lambda: steps(True),
+                 "the step without Adam's update": lambda: steps(False),
+                 "Adam alone, its buffers in cache": lambda: adam(False),
+                 "Adam alone after a 64 MiB sweep": lambda: adam(True),
+                 "(the sweep alone)": lambda: [sweep.add_(1) for _ in range(window)]}
+        floor.seconds(20)
+        for f in parts.values():
+            f()  # warm
+        seconds: dict[str, list[float]] = {k: [] for k in parts}
+        floors: list[float] = []
+        for _ in range(rounds):
+            floors.append(floor.seconds(window))
+            for name, f in parts.items():
+                t0 = time.perf_counter()
+                f()
+                seconds[name].append(time.perf_counter() - t0)
+    cold = "Adam alone after a 64 MiB sweep"
+    seconds[cold] = [a - s for a, s in zip(seconds[cold], seconds.pop("(the sweep alone)"))]
+    lines = [f"| measured ({rounds} rounds of {window} steps, each right after the floor's) | ms per step (median) | vs the floor (median of rounds) |",
+             "| --- | --- | --- |",
+             f"| the step's products alone (the floor) | {statistics.median(floors) / window * 1e3:.3f} | 1.00x |"]
+    for name, v in seconds.items():
+        lines.append(f"| {name} | {statistics.median(v) / window * 1e3:.3f} | {statistics.median(s / f for s, f in zip(v, floors)):.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.step_profile", description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=120, help="profiled steps (one epoch of 128 x steps images)")
     p.add_argument("--rows", type=int, default=12)
+    p.add_argument("--split", action="store_true", help="where the step's time above its floor goes (no profiler)")
+    p.add_argument("--rounds", type=int, default=30, help="--split's rounds")
     args = p.parse_args(argv)
+    if args.split:
+        print(split(args.rounds), flush=True)
+        return 0
     for autograd in (True, False):
         print(table(args.steps, autograd, args.rows) + "\n", flush=True)
     return 0

@@ -253,3 +253,15 @@ def test_readme_and_docs_numbers_are_what_the_committed_results_give():
     assert data, "no data-path results committed under benchmarks/results/data/"
     assert f"{report.DATA_BLOCK[0]}\n{report.data_block(parts=report.README_PARTS)}{report.DATA_BLOCK[1]}" in readme
     assert f"{report.DATA_BLOCK[0]}\n{data}{report.DATA_BLOCK[1]}" in doc
+
+
+def test_step_split_times_the_step_with_and_without_adam_against_its_floor():
+    from benchmarks import step_profile
+
+    table = step_profile.split(rounds=1, window=2)
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    names = [r[0].lstrip("| ") for r in rows]
+    assert names == ["the step's products alone (the floor)", "the step (Adam included)", "the step without Adam's update",
+                     "Adam alone, its buffers in cache", "Adam alone after a 64 MiB sweep"]
+    assert all(float(r[1]) > 0 or "sweep" in r[0] for r in rows)  # the swept Adam is a difference: noise may sink it
+    assert rows[0][2] == "1.00x |"
