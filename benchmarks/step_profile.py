@@ -10,8 +10,10 @@ wall clock.
 
 ``--split`` times, without the profiler, where the step's time above its GEMM floor goes: the step
 (Adam included), the same step without the update, and Adam alone on the same buffers (FlatAdam's
-flat_step: torch's fused Adam, the op's arithmetic), once with them in cache and once after a sweep that evicts them (as a whole step does on this VM), each
-window of 50 steps right after the floor's, per-round ratios to that floor, medians reported.
+flat_step: torch's fused Adam, the op's arithmetic; only the updates timed): back to back (its state
+in cache), after a 64 MiB sweep (evicted), and after a step's time of idling that touches no memory
+(what the machine alone does to the cache in that time). Each window of 50 steps runs right after the
+floor's; the ratios to that floor are per round, the medians reported.
 """
 from __future__ import annotations
 
@@ -68,39 +70,47 @@ def split(rounds: int, window: int = WINDOW) -> str:
     with mlp_step.packed(optimizer), _memory.heap_reuse(torch.device("cpu")):  # as Trainer.fit runs it
         engine = mlp_step.MLPStep(model, optimizer)
 
-        def steps(update: bool) -> None:
+        def steps(update: bool) -> float:
+            t0 = time.perf_counter()
             for _ in range(window):
                 x = data[torch.randint(0, len(data), (128,))]
                 if update:
                     engine.step(x, 1.0)
                 else:
                     engine.forward_backward(x, 1.0)  # the same op, update=False
+            return time.perf_counter() - t0
 
-        def adam(evict: bool) -> None:
+        def adam(before=None) -> float:  # the updates' own time, `before` run (untimed) ahead of each
+            total = 0.0
             for _ in range(window):
-                if evict:
-                    sweep.add_(1)
+                if before is not None:
+                    before()
+                t0 = time.perf_counter()
                 optimizer.step_count += 1
                 optimizer.flat_step()
+                total += time.perf_counter() - t0
+            return total
+
+        def idle() -> None:  # a step's time that touches no memory
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < step_s:
+                pass
 
         parts = {"the step (Adam included)": lambda: steps(True),
                  "the step without Adam's update": lambda: steps(False),
-                 "Adam alone, its buffers in cache": lambda: adam(False),
-                 "Adam alone after a 64 MiB sweep": lambda: adam(True),
-                 "(the sweep alone)": lambda: [sweep.add_(1) for _ in range(window)]}
-        floor.seconds(20)
+                 "Adam alone, its buffers in cache": adam,
+                 "Adam alone after a 64 MiB sweep": lambda: adam(lambda: sweep.add_(1)),
+                 "Adam alone after a step's time idle": lambda: adam(idle)}
+        step_s = floor.seconds(20) / 20
         for f in parts.values():
             f()  # warm
         seconds: dict[str, list[float]] = {k: [] for k in parts}
         floors: list[float] = []
         for _ in range(rounds):
             floors.append(floor.seconds(window))
+            step_s = floors[-1] / window
             for name, f in parts.items():
-                t0 = time.perf_counter()
-                f()
-                seconds[name].append(time.perf_counter() - t0)
-    cold = "Adam alone after a 64 MiB sweep"
-    seconds[cold] = [a - s for a, s in zip(seconds[cold], seconds.pop("(the sweep alone)"))]
+                seconds[name].append(f())
     lines = [f"| measured ({rounds} rounds of {window} steps, each right after the floor's) | ms per step (median) | vs the floor (median of rounds) |",
              "| --- | --- | --- |",
              f"| the step's products alone (the floor) | {statistics.median(floors) / window * 1e3:.3f} | 1.00x |"]
