@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -80,7 +81,7 @@ def split(rounds: int, window: int = WINDOW) -> str:
                     engine.forward_backward(x, 1.0)  # the same op, update=False
             return time.perf_counter() - t0
 
-        def adam(before=None) -> float:  # the updates' own time, `before` run (untimed) ahead of each
+        def adam(before: Callable[[], object] | None = None) -> float:  # the updates' own time, `before` run (untimed) ahead of each
             total = 0.0
             for _ in range(window):
                 if before is not None:
