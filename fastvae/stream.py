@@ -240,10 +240,14 @@ class _Source:
     def _batches(self, epoch: int, seed: int) -> Iterator[Batch]:
         raise NotImplementedError
 
+    def pixels(self, batch: Batch) -> torch.Tensor:
+        """The batch's rows (b, input_dim) on the device."""
+        raise NotImplementedError
+
     def step_input(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What a step that gathers its own rows reads (fastvae.mlp_step's C++ op): (the resident data set, the
         batch's indices), or (the batch's rows, None)."""
-        return self.pixels(batch), None  # type: ignore[attr-defined]
+        return self.pixels(batch), None
 
 
 class Resident(_Source):
